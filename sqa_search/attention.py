@@ -41,11 +41,14 @@ _SDP_KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overridea
 
 # ----- RoPE ----------------------------------------------------------------------------------
 def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype):
-    """cos, sin of shape (len(positions), head_dim) for the rotate-half (GPT-NeoX) layout."""
-    inv_freq = 1.0 / (
-        ROPE_BASE ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    )
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    """cos, sin of shape (len(positions), head_dim) for the rotate-half (GPT-NeoX) layout.
+
+    Angles are computed in float32 (float64 for float64 inputs): low-precision angles drift
+    visibly at long positions.
+    """
+    exact = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=exact) / head_dim))
+    angles = positions.to(exact)[:, None] * inv_freq[None, :]
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
