@@ -1,7 +1,25 @@
-"""sqa-search: search and auto-tune Sparse Query Attention head configurations."""
+"""sqa-search: search and auto-tune Sparse Query Attention head configurations.
 
-from .spec import AttentionSpec, SpecError, VARIANTS
-from .attention import SparseQueryAttention
+The public names are loaded on first use, so `import sqa_search.pareto` or `sqa-search --help`
+does not pay for importing torch.
+"""
 
-__all__ = ["AttentionSpec", "SpecError", "VARIANTS", "SparseQueryAttention"]
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "AttentionSpec": "spec",
+    "SpecError": "spec",
+    "VARIANTS": "spec",
+    "SparseQueryAttention": "attention",
+    "ModelConfig": "model",
+    "ProxyLM": "model",
+}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    raise AttributeError(f"module 'sqa_search' has no attribute {name!r}")
