@@ -9,6 +9,8 @@ import sys
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 SUBCOMMANDS = {
+    "run": ("sqa_search.study", "run (or resume, or extend) a search study from a search-space YAML"),
+    "show": ("sqa_search.report", "show a study's trials, Pareto set and hypervolume; write CSV, plots, report"),
     "bench": ("sqa_search.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
 }
 

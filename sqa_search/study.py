@@ -1,0 +1,508 @@
+"""Search studies on Optuna: the tool's main job.
+
+A study is a named, resumable set of trials under ``studies/<name>/``: the search space it was
+made from (``space.yaml``), its storage (SQLite by default, a journal file when several worker
+processes share a host, or any Optuna storage URL), and the results and report written at the
+end. Each trial times one `AttentionSpec` on the target (speed) and trains the proxy model
+briefly (quality). Running the same command again resumes the study; more trials extend it.
+
+Fault handling, because a lost hour of trials is the worst thing a tuner can do:
+* a trial that fails (exception, NaN, out of memory, invalid combination) is recorded as FAIL
+  with its reason in the user attribute ``fail_reason`` and the study goes on;
+* every finished trial is committed to the storage at once; a trial left RUNNING by a killed
+  process is found on the next start (its worker's pid is gone), marked FAIL "interrupted" and
+  its parameters are enqueued again, so nothing finished is recomputed and nothing is lost;
+* identical specs are evaluated once: a repeat proposal reuses the earlier trial's values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from .space import SearchSpace, SpaceError, candidate_key, load_space, train_config_from
+from .spec import AttentionSpec
+
+__all__ = ["run_study", "open_study", "StudyError", "study_dir_for", "trials_frame"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STUDIES_DIR = Path("studies")
+META_FILE = "study.json"
+SPACE_FILE = "space.yaml"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+class StudyError(ValueError):
+    """A study that cannot be run or opened as asked; the message says why and what to do."""
+
+
+class TrialFailed(Exception):
+    """Raised inside a trial to record it as FAIL with a reason; the study goes on."""
+
+
+# ----- storage and metadata ---------------------------------------------------------------------
+def study_dir_for(name: str, studies_dir: str | Path = DEFAULT_STUDIES_DIR) -> Path:
+    return Path(studies_dir) / name
+
+
+def _default_storage(study_dir: Path, workers: int) -> str:
+    if workers > 1:  # several processes on one host: a journal file, no database locking
+        return f"journal:{(study_dir / 'journal.log').resolve()}"
+    return f"sqlite:///{(study_dir / 'study.db').resolve()}"
+
+
+def _open_storage(url: str):
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    if url.startswith(("sqlite", "postgresql", "mysql")):
+        # heartbeats let RDB storages fail trials of workers on other hosts that died
+        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+    return url
+
+
+def _sampler(space: SearchSpace):
+    name, seed = space.study.sampler, space.study.seed
+    if name == "nsga2":
+        # small populations: a short study should still get past its random first generation
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5, multivariate=True)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=5)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+@dataclass
+class StudyHandle:
+    study: optuna.Study
+    space: SearchSpace
+    directory: Path
+    storage_url: str
+
+
+def open_study(study_dir: str | Path) -> StudyHandle:
+    """An existing study folder -> its Optuna study and search space (read-only use is fine)."""
+    study_dir = Path(study_dir)
+    meta_path = study_dir / META_FILE
+    if not meta_path.is_file():
+        raise StudyError(f"no study at {str(study_dir)!r}: {META_FILE} is missing (run `sqa-search run` first)")
+    meta = json.loads(meta_path.read_text())
+    space = load_space(study_dir / SPACE_FILE, name=meta["name"])
+    study = optuna.load_study(study_name=meta["name"], storage=_open_storage(meta["storage"]))
+    return StudyHandle(study, space, study_dir, meta["storage"])
+
+
+def _prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, storage, workers) -> StudyHandle:
+    study_dir = study_dir_for(space.name, studies_dir)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    meta_path = study_dir / META_FILE
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta["space_fingerprint"] != space.fingerprint():
+            raise StudyError(
+                f"study {space.name!r} in {study_dir} was made from a different search space "
+                f"(model, target, search, constraints, objectives or training changed): resuming would mix "
+                f"incomparable trials. Use another --name, or delete {study_dir} to start over."
+            )
+        if storage and storage != meta["storage"]:
+            raise StudyError(f"study {space.name!r} lives in {meta['storage']}; --storage {storage} differs")
+        storage_url = meta["storage"]
+    else:
+        storage_url = storage or _default_storage(study_dir, workers)
+        import yaml
+
+        (study_dir / SPACE_FILE).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+        meta = {"name": space.name, "storage": storage_url, "space_fingerprint": space.fingerprint(),
+                "source": str(space_path) if space_path else None, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+        tmp = meta_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, meta_path)
+    directions = space.directions if space.study.mode == "pareto" else [space.directions[0]]
+    study = optuna.create_study(
+        study_name=space.name, storage=_open_storage(storage_url), directions=directions,
+        sampler=_sampler(space), load_if_exists=True,
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    )
+    return StudyHandle(study, space, study_dir, storage_url)
+
+
+# ----- recovery and anchors -----------------------------------------------------------------------
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_interrupted(study: optuna.Study) -> int:
+    """Trials left RUNNING by a dead worker on this host -> FAIL 'interrupted', re-enqueued.
+
+    Returns how many were recovered. Workers on other hosts are left to RDB heartbeats.
+    """
+    host = socket.gethostname()
+    recovered = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        attrs = trial.user_attrs
+        if attrs.get("host") != host or "pid" not in attrs or _pid_alive(attrs["pid"]):
+            continue
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted (worker process died)")
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        recovered += 1
+    return recovered
+
+
+def enqueue_named_variants(handle: StudyHandle) -> list[str]:
+    """Evaluate the named variants inside the space first, so every front has its anchors."""
+    study = handle.study
+    if study.user_attrs.get("variants_enqueued"):
+        return []
+    labels = []
+    for spec in handle.space.named_variants():
+        study.enqueue_trial(_params(spec), user_attrs={"anchor": spec.label}, skip_if_exists=True)
+        labels.append(spec.label)
+    study.set_user_attr("variants_enqueued", True)
+    return labels
+
+
+def _params(spec: AttentionSpec) -> dict:
+    return {"n_q_heads": spec.n_q_heads, "n_kv_heads": spec.n_kv_heads,
+            "window": spec.window, "n_global": spec.n_global}
+
+
+# ----- the objective ------------------------------------------------------------------------------
+class Objective:
+    """One trial: propose a spec, check it, time it on the target, train it, return objectives."""
+
+    def __init__(self, space: SearchSpace, progress: bool = False, cache_dir=None):
+        self.space = space
+        self.progress = progress
+        self.cache_dir = cache_dir
+
+    def suggest(self, trial: optuna.Trial) -> AttentionSpec:
+        s = self.space.search
+        q = trial.suggest_categorical("n_q_heads", list(s.n_q_heads))
+        kv = trial.suggest_categorical("n_kv_heads", list(s.n_kv_heads))
+        window = trial.suggest_categorical("window", list(s.window))
+        n_global = trial.suggest_categorical("n_global", list(s.n_global))
+        return self.space.make_spec(q, kv, window, n_global)
+
+    def __call__(self, trial: optuna.Trial):
+        trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("host", socket.gethostname())
+        spec = self.suggest(trial)
+        trial.set_user_attr("spec", spec.to_dict())
+        trial.set_user_attr("label", spec.label)
+        trial.set_user_attr("family", spec.family)
+        trial.set_user_attr("variant", spec.variant_name)
+        trial.set_user_attr("kv_cache_bytes", self.space.kv_cache_bytes(spec))
+        trial.set_user_attr("n_params", spec.n_params())
+        trial.set_user_attr("spec_key", candidate_key(spec))
+
+        reason = self.space.violation(spec)
+        if reason:
+            self._fail(trial, f"invalid combination: {reason}")
+
+        earlier = _earlier_result(trial, candidate_key(spec))
+        if earlier is not None:  # the sampler proposed a spec already evaluated: reuse it
+            trial.set_user_attr("duplicate_of", earlier.number)
+            for key in ("latency_s", "latency_source", "quality", "train", "timing"):
+                if key in earlier.user_attrs:
+                    trial.set_user_attr(key, earlier.user_attrs[key])
+            return earlier.values if len(earlier.values) > 1 else earlier.values[0]
+
+        latency, source = self._latency(trial, spec)
+        budget = self.space.constraints.max_latency_s
+        if budget is not None:
+            if self.space.study.mode == "pareto":  # feasibility, read by constraint-aware samplers
+                trial.set_constraint("latency", latency - budget)
+            elif latency > budget:
+                trial.set_user_attr("prune_reason", f"latency {latency:.4g} s > max_latency_s {budget:.4g} s")
+                raise optuna.TrialPruned(f"latency {latency:.4g} s over budget {budget:.4g} s")
+
+        quality = self._train(trial, spec)
+        values = [quality, latency]
+        if self.space.objectives.kv_cache:
+            values.append(float(self.space.kv_cache_bytes(spec)))
+        return values if self.space.study.mode == "pareto" else quality
+
+    def _fail(self, trial, reason: str):
+        trial.set_user_attr("fail_reason", reason)
+        raise TrialFailed(reason)
+
+    def _latency(self, trial, spec: AttentionSpec) -> tuple[float, str]:
+        t = self.space.target
+        total, records = 0.0, []
+        for n in t.seq_len:
+            if t.measured:
+                from .timing import time_spec
+
+                result = time_spec(
+                    spec, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
+                    device=_device(t.device), what=t.what, n_layers=self.space.model.n_layers,
+                    d_ff=self.space.model.d_ff, threads=t.threads, budget_s=t.timing_budget_s,
+                    cache_dir=self.cache_dir,
+                )
+                if result.status != "ok":
+                    self._fail(trial, f"timing {result.status}: {result.error}")
+                records.append({"seq_len": n, "median_s": result.median_s, "iqr_s": result.iqr_s,
+                                "backend": result.backend, "flags": result.flags,
+                                "fingerprint_id": result.fingerprint_id, "peak_mem_bytes": result.peak_mem_bytes})
+                total += result.median_s
+                source = f"measured on {result.fingerprint.get('device_name', result.device)}"
+                trial.set_user_attr("fingerprint", result.fingerprint)
+            else:
+                from .cost import load_profile, predict
+
+                profile = load_profile(t.hardware)
+                pred = predict(spec, profile, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
+                               what=t.what, n_layers=self.space.model.n_layers, d_ff=self.space.model.d_ff)
+                records.append({"seq_len": n, "predicted_s": pred.seconds, "bound": pred.bound})
+                total += pred.seconds
+                source = f"predicted for {t.hardware} ({pred.calibration})"
+        trial.set_user_attr("latency_s", total)
+        trial.set_user_attr("latency_source", source)
+        trial.set_user_attr("timing", records)
+        return total, source
+
+    def _train(self, trial, spec: AttentionSpec) -> float:
+        from .train import train_spec
+
+        config = train_config_from(self.space.training, self.space.objectives.quality)
+        constrained = self.space.study.mode == "constrained"
+        metric = self.space.objectives.quality
+
+        def report(step, metrics):
+            value = metrics.get("val_loss")
+            if constrained and value is not None and metric == "val_loss" and math.isfinite(value):
+                trial.report(value, step)  # single-objective only: multi-objective cannot prune
+                if trial.should_prune():
+                    trial.set_user_attr("prune_reason", f"val_loss {value:.4f} at step {step} below the median")
+                    raise optuna.TrialPruned()
+
+        m = self.space.model
+        result = train_spec(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, callback=report,
+                            progress=self.progress)
+        summary = {k: v for k, v in result.to_dict().items() if k not in ("loss_curve", "mqar_loss_curve", "evals",
+                                                                        "train_config", "model_config")}
+        trial.set_user_attr("train", summary)
+        if result.status != "ok":
+            self._fail(trial, f"training {result.status}: {result.reason}")
+        value = getattr(result, metric)
+        if value is None or not math.isfinite(value):
+            self._fail(trial, f"training produced no finite {metric}")
+        trial.set_user_attr("quality", value)
+        return float(value)
+
+
+def _device(device: str) -> str:
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _earlier_result(trial: optuna.Trial, key: str):
+    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if other.number != trial.number and other.user_attrs.get("spec_key") == key:
+            return other
+    return None
+
+
+# ----- running ------------------------------------------------------------------------------------
+def finished_count(study: optuna.Study) -> int:
+    """Trials that count towards the target: done, pruned or failed for a reason (not interrupted)."""
+    n = 0
+    for t in study.get_trials(deepcopy=False, states=FINISHED):
+        if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith("interrupted"):
+            continue
+        n += 1
+    return n
+
+
+def _optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None, worker: int = 0) -> None:
+    study = handle.study
+    objective = Objective(handle.space, progress=False, cache_dir=cache_dir)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=target, initial=finished_count(study), desc=f"study {handle.space.name}", unit="trial")
+    try:
+        while finished_count(study) < target:
+            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+            if bar is not None:
+                bar.n = finished_count(study)
+                bar.set_postfix_str(_progress_summary(handle), refresh=False)
+                bar.refresh()
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress_summary(handle: StudyHandle) -> str:
+    from .pareto import non_dominated_mask
+    import numpy as np
+
+    done = handle.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return "no finished trial yet"
+    names = handle.space.objective_names if handle.space.study.mode == "pareto" else [handle.space.objectives.quality]
+    directions = handle.space.directions[: len(names)]
+    values = np.array([t.values for t in done], dtype=float)
+    parts = []
+    for i, (name, direction) in enumerate(zip(names, directions)):
+        best = values[:, i].max() if direction == "maximize" else values[:, i].min()
+        parts.append(f"best {name} {best:.4g}")
+    if values.shape[1] > 1:
+        parts.append(f"pareto {int(non_dominated_mask(values, directions).sum())}")
+    return ", ".join(parts)
+
+
+def _worker_main(space_path, space_dict, studies_dir, storage_url, target, cache_dir, worker):
+    from .space import space_from_dict
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = space_from_dict(space_dict["data"], source=space_dict["source"], name=space_dict["name"])
+    study = optuna.load_study(study_name=space.name, storage=_open_storage(storage_url), sampler=_sampler(space))
+    handle = StudyHandle(study, space, study_dir_for(space.name, studies_dir), storage_url)
+    _optimize(handle, target, progress=False, cache_dir=cache_dir, worker=worker)
+
+
+def run_study(
+    space: SearchSpace | str | Path,
+    *,
+    name: str | None = None,
+    trials: int | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    studies_dir: str | Path = DEFAULT_STUDIES_DIR,
+    progress: bool = True,
+    cache_dir=None,
+    report: bool = True,
+) -> StudyHandle:
+    """Run (or resume, or extend) the study of a search space until it has `trials` finished trials."""
+    space_path = None
+    raw = None
+    if not isinstance(space, SearchSpace):
+        space_path = Path(space)
+        space = load_space(space_path, name=name)
+        import yaml
+
+        raw = yaml.safe_load(space_path.read_text())
+    elif name:
+        from dataclasses import replace
+
+        space = replace(space, name=name)
+    target = trials if trials is not None else space.study.trials
+    if isinstance(target, bool) or not isinstance(target, int) or target < 1:
+        raise StudyError(f"trials={target!r} is not allowed: must be an integer >= 1")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise StudyError(f"workers={workers!r} is not allowed: must be an integer >= 1")
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    handle = _prepare_study(space, space_path, studies_dir, storage, workers)
+    recovered = recover_interrupted(handle.study)
+    if recovered and progress:
+        print(f"recovered {recovered} interrupted trial(s): enqueued again")
+    anchors = enqueue_named_variants(handle)
+    if anchors and progress:
+        print(f"evaluating the named variants first: {', '.join(anchors)}")
+
+    if workers == 1:
+        _optimize(handle, target, progress, cache_dir)
+    else:
+        payload = {"data": raw if raw is not None else space.to_dict(), "source": space.source, "name": space.name}
+        ctx = multiprocessing.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(space_path, payload, str(studies_dir), handle.storage_url,
+                                                          target, cache_dir, i)) for i in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise StudyError(f"{len(bad)} worker process(es) exited with codes {bad}")
+    if report:
+        from .report import write_report
+
+        write_report(handle)
+    return handle
+
+
+def trials_frame(handle: StudyHandle):
+    """All trials as a pandas DataFrame with the columns `show` and the report use."""
+    import pandas as pd
+
+    rows = []
+    names = handle.space.objective_names
+    for t in handle.study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        train = attrs.get("train") or {}
+        row = {
+            "trial": t.number, "state": t.state.name, "label": attrs.get("label"),
+            "variant": attrs.get("variant"), "family": attrs.get("family"),
+            "n_q_heads": t.params.get("n_q_heads"), "n_kv_heads": t.params.get("n_kv_heads"),
+            "window": t.params.get("window"), "n_global": t.params.get("n_global"),
+            "quality": attrs.get("quality"), "latency_s": attrs.get("latency_s"),
+            "kv_cache_bytes": attrs.get("kv_cache_bytes"), "n_params": attrs.get("n_params"),
+            "val_loss": train.get("val_loss"), "mqar_accuracy": train.get("mqar_accuracy"),
+            "train_wall_s": train.get("wall_s"), "tokens_per_s": train.get("tokens_per_s"),
+            "latency_source": attrs.get("latency_source"), "duplicate_of": attrs.get("duplicate_of"),
+            "fail_reason": attrs.get("fail_reason") or attrs.get("prune_reason"),
+            "fingerprint_id": (attrs.get("timing") or [{}])[0].get("fingerprint_id"),
+            "backend": (attrs.get("timing") or [{}])[0].get("backend"),
+            "datetime_start": t.datetime_start, "duration_s": t.duration.total_seconds() if t.duration else None,
+        }
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.attrs["objectives"] = names
+    return frame
+
+
+# ----- `sqa-search run` ---------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("space", help="a search-space YAML, e.g. search_spaces/quickstart.yaml")
+    parser.add_argument("--name", help="study name (default: the YAML's name); studies/<name>/")
+    parser.add_argument("--trials", type=int, help="finished trials the study should reach (default: the YAML's)")
+    parser.add_argument("--storage", help="an Optuna storage URL (postgresql://..., mysql://..., sqlite:///...); "
+                                          "default: SQLite under studies/<name>/ (a journal file with --workers > 1)")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1)")
+    parser.add_argument("--backend", choices=["optuna"], default="optuna", help="search backend")
+    parser.add_argument("--studies-dir", default=str(DEFAULT_STUDIES_DIR), help="where studies live (default studies/)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from .report import pareto_table, _front_columns
+
+    try:
+        handle = run_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
+                           workers=args.workers, studies_dir=args.studies_dir, progress=not args.no_progress)
+    except (StudyError, SpaceError) as exc:
+        print(f"error: {exc}")
+        return 2
+    frame, front, hv = pareto_table(handle)
+    print(f"\nPareto front of {handle.space.name} (hypervolume {hv:.4g}; latency "
+          f"{'measured' if handle.space.target.measured else 'PREDICTED'}):")
+    print(_front_columns(front).to_string(index=False) if not front.empty else "(no complete trial)")
+    print(f"\nreport: {handle.directory / 'report.md'}")
+    return 0
