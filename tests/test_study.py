@@ -1,0 +1,154 @@
+"""Studies end to end on real storages (SQLite, journal file), real timings and real training,
+with budgets small enough for a test."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from sqa_search.report import pareto_table, write_report
+from sqa_search.space import space_from_dict
+from sqa_search.study import StudyError, finished_count, open_study, run_study
+
+TINY = {
+    "model": {"d_model": 32, "n_heads": 4, "n_layers": 1},
+    "target": {"seq_len": 64, "mode": "prefill", "timing_budget_s": 0.05},
+    "search": {"n_q_heads": [1, 2, 4], "n_kv_heads": [1, 2, 4], "variants": ["mha", "sqa", "xsqa"]},
+    "study": {"sampler": "random", "seed": 0, "trials": 6},
+    "training": {"task": "lm", "budget_steps": 3, "batch_size": 2, "seq_len": 32, "eval_batches": 1},
+}
+
+
+def _space_file(tmp_path, name="tiny", **changes):
+    data = {k: dict(v) for k, v in TINY.items()}
+    for key, value in changes.items():
+        data[key] = {**data.get(key, {}), **value}
+    data["name"] = name
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _complete_keys(study):
+    """spec_key of every trial that was evaluated (not reused from a duplicate)."""
+    return [t.user_attrs["spec_key"] for t in study.get_trials(states=(TrialState.COMPLETE,))
+            if "duplicate_of" not in t.user_attrs]
+
+
+@pytest.mark.slow
+def test_study_runs_records_failures_reuses_duplicates_and_writes_report(tmp_path):
+    path = _space_file(tmp_path, constraints={"kv_divides_q": True})
+    handle = run_study(path, studies_dir=tmp_path / "studies", progress=False)
+    study = handle.study
+    assert finished_count(study) == 6
+    # the named variants inside the space ran first, in order
+    first = [t.user_attrs.get("label") for t in study.trials[:3]]
+    assert first == ["MHA 4q/4kv", "SQA 2q/1kv", "xSQA 1q/1kv"]
+    # invalid combinations (kv does not divide q) are recorded with their reason
+    for t in study.get_trials(states=(TrialState.FAIL,)):
+        assert t.user_attrs["fail_reason"].startswith("invalid combination")
+    # a spec is evaluated once; repeats reuse its values
+    keys = _complete_keys(study)
+    assert len(keys) == len(set(keys))
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        if "duplicate_of" in t.user_attrs:
+            assert t.values == study.trials[t.user_attrs["duplicate_of"]].values
+    frame, front, hv = pareto_table(handle)
+    assert not front.empty and hv > 0
+    assert front.speedup_vs_mha.notna().all()
+    written = write_report(handle)
+    for name in ("results.csv", "results.parquet", "pareto.png", "pareto.html", "report.md"):
+        assert (handle.directory / name).is_file(), name
+    # the same command again: nothing more to do, nothing recomputed
+    before = [(t.number, t.datetime_complete) for t in study.trials]
+    again = run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    assert [(t.number, t.datetime_complete) for t in again.study.trials] == before
+    # more trials extend it
+    more = run_study(path, trials=8, studies_dir=tmp_path / "studies", progress=False, report=False)
+    assert finished_count(more.study) == 8
+    # and it stays a plain Optuna study
+    assert optuna.load_study(study_name="tiny", storage=handle.storage_url).trials
+
+
+def test_bad_arguments_fail_before_work(tmp_path):
+    path = _space_file(tmp_path)
+    with pytest.raises(StudyError, match="trials=0"):
+        run_study(path, trials=0, studies_dir=tmp_path / "s", progress=False)
+    with pytest.raises(StudyError, match="workers=0"):
+        run_study(path, workers=0, studies_dir=tmp_path / "s", progress=False)
+    with pytest.raises(StudyError, match="no study at"):
+        open_study(tmp_path / "nowhere")
+
+
+@pytest.mark.slow
+def test_changed_space_is_not_mixed_into_an_existing_study(tmp_path):
+    path = _space_file(tmp_path, study={"trials": 1})
+    run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    changed = _space_file(tmp_path, target={"seq_len": 128}, study={"trials": 1})
+    with pytest.raises(StudyError, match="different search space"):
+        run_study(changed, studies_dir=tmp_path / "studies", progress=False)
+
+
+def _finished(storage_url, name):
+    try:
+        return finished_count(optuna.load_study(study_name=name, storage=storage_url))
+    except KeyError:
+        return 0
+
+
+@pytest.mark.slow
+def test_killed_run_loses_nothing_and_rerun_completes(tmp_path):
+    path = _space_file(tmp_path, name="killme", study={"trials": 6},
+                       training={"budget_steps": 20})  # long enough to be killed mid-trial
+    studies = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--studies-dir", str(studies), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{(studies / 'killme' / 'study.db').resolve()}"
+    deadline = time.time() + 240
+    while time.time() < deadline and (not (studies / "killme" / "study.db").exists() or _finished(storage, "killme") < 2):
+        time.sleep(0.5)
+    time.sleep(1.0)  # well inside the next trial
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    study = optuna.load_study(study_name="killme", storage=storage)
+    done_before = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert len(done_before) >= 2
+    assert study.get_trials(states=(TrialState.RUNNING,)), "the kill should have interrupted a trial"
+
+    handle = run_study(path, studies_dir=studies, progress=False, report=False)
+    study = handle.study
+    assert finished_count(study) == 6
+    after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    assert all(after[n] == when for n, when in done_before.items())  # none lost, none recomputed
+    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,))
+                   if t.user_attrs.get("fail_reason", "").startswith("interrupted")]
+    assert len(interrupted) == 1
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    keys = _complete_keys(study)
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_journal_without_losing_or_duplicating(tmp_path):
+    path = _space_file(tmp_path, name="pair", study={"trials": 6, "sampler": "random"})
+    handle = run_study(path, workers=2, studies_dir=tmp_path / "studies", progress=False, report=False)
+    assert handle.storage_url.startswith("journal:")
+    study = open_study(handle.directory).study
+    assert 6 <= finished_count(study) <= 7  # each worker checks the count before a trial
+    numbers = [t.number for t in study.trials]
+    assert numbers == list(range(len(numbers)))
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    pids = {t.user_attrs["pid"] for t in study.trials if "pid" in t.user_attrs}
+    assert len(pids) == 2, "both workers ran trials"
+    keys = _complete_keys(study)
+    # a spec both workers started at the same moment may run twice; with 6 trials over 9 specs
+    # the enqueued anchors (claimed atomically) must never be duplicated
+    anchors = [t for t in study.trials if "anchor" in t.user_attrs]
+    assert len({t.user_attrs["anchor"] for t in anchors}) == len(anchors) == 3
