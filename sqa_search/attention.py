@@ -346,11 +346,18 @@ class SparseQueryAttention(nn.Module):
         if spec.n_global:
             gk, gv = self._global_kv(b, dtype=q.dtype)
             ks, vs = torch.cat([ks, gk], dim=2), torch.cat([vs, gv], dim=2)
-        native = _native_gqa_ok(q, ks, vs, False)
-        q, ks, vs, gqa = self._group(q, ks, vs, allow_native_gqa=native)
-        o = F.scaled_dot_product_attention(q, ks, vs, enable_gqa=gqa)
+        if spec.grouping == "gqa" and spec.n_q_heads > spec.n_kv_heads:
+            # One query token and no mask: fold each group of query heads into the query axis
+            # and read the grouped cache as it is. Expanding K/V instead would copy the whole
+            # cache every step and make GQA/MQA decode slower than MHA, the opposite of their point.
+            group = spec.n_q_heads // spec.n_kv_heads
+            o = F.scaled_dot_product_attention(q.view(b, spec.n_kv_heads, group, spec.head_dim), ks, vs)
+            o, name = o.reshape(b, spec.n_q_heads, 1, spec.head_dim), "decode/sdpa-grouped"
+        else:
+            q, ks, vs, _ = self._group(q, ks, vs, allow_native_gqa=False)
+            o, name = F.scaled_dot_product_attention(q, ks, vs), "decode/sdpa"
         if not _tracing():
-            self.last_backend = "decode/sdpa" + ("+gqa" if gqa else "")
+            self.last_backend = name
         return self.o_proj(self._merge(o))
 
 
