@@ -1,0 +1,247 @@
+"""Timing trials: real timings of small shapes; the tests assert behaviour, never speed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sqa_search.spec import AttentionSpec
+from sqa_search.timing import (
+    CPU_MEM_KIND,
+    CUDA_MEM_KIND,
+    HARDWARE_FIELDS,
+    TimingError,
+    TimingResult,
+    default_cache_dir,
+    fingerprint,
+    fingerprint_id,
+    time_spec,
+    time_spec_subprocess,
+    time_specs,
+)
+
+D, H = 64, 8
+# one thread: on a shared 2-core machine two OpenMP threads wait on each other for whole
+# scheduler slices; the tests need runs that finish, not figures
+FAST = dict(threads=1, budget_s=0.02, max_repeats=5)
+
+
+def spec(name="sqa", **kw):
+    return AttentionSpec.variant(name, D, H, **kw)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    return tmp_path / "timings"
+
+
+def test_record_has_every_field_and_round_trips_json(cache):
+    s = spec("sqa")
+    r = time_spec(s, seq_len=128, mode="prefill", cache_dir=cache, **FAST)
+    assert r.status == "ok" and r.error is None
+    assert r.spec == s.to_dict() and r.label == s.label and r.variant == "sqa"
+    assert (r.mode, r.what, r.batch, r.seq_len, r.dtype, r.device) == ("prefill", "layer", 1, 128, "float32", "cpu")
+    assert r.median_s > 0 and r.iqr_s >= 0
+    assert 3 <= r.n_repeats <= 5 and len(r.times_s) == r.n_repeats
+    assert min(r.times_s) <= r.median_s <= max(r.times_s)
+    assert r.n_warmup >= 2 and r.first_call_s > 0
+    assert r.backend.startswith("sdpa/")  # the kernel that ran is named
+    assert isinstance(r.flags, list)
+    assert r.mem_kind == CPU_MEM_KIND and r.peak_mem_bytes > 0
+    assert r.threads == 1 and r.fingerprint["threads"] == 1
+    assert r.kv_cache_bytes == s.kv_cache_bytes(128, 4)
+    assert r.predicted is False and r.from_cache is False
+    for name in HARDWARE_FIELDS + ("dtype", "threads"):
+        assert name in r.fingerprint
+    assert r.fingerprint["device_type"] == "cpu" and r.fingerprint["torch_version"] == torch.__version__
+    assert r.fingerprint_id == fingerprint_id(r.fingerprint)
+
+    data = json.loads(json.dumps(r.to_dict()))  # JSON-safe
+    assert data["key"] == r.key
+    back = TimingResult.from_dict(data)
+    assert back == r and back.key == r.key
+    assert back.attention_spec == s
+
+
+def test_threads_are_restored():
+    before = torch.get_num_threads()
+    time_spec(spec("xsqa"), seq_len=64, use_cache=False, **FAST)
+    assert torch.get_num_threads() == before
+
+
+def test_fingerprint_id_ignores_dtype_and_threads_but_not_hardware():
+    a = fingerprint("cpu", "float32", 1)
+    b = fingerprint("cpu", "bfloat16", 2)
+    assert a["dtype"] == "float32" and b["dtype"] == "bfloat16"
+    assert fingerprint_id(a) == fingerprint_id(b)
+    assert fingerprint_id({**a, "cpu_model": "another CPU"}) != fingerprint_id(a)
+    assert fingerprint_id({**a, "torch_version": "0.0"}) != fingerprint_id(a)
+    assert not any("host" in k for k in a)  # no hostnames
+
+
+@pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
+def test_each_mode_on_the_layer(mode):
+    r = time_spec(spec("gqa"), seq_len=128, mode=mode, use_cache=False, **FAST)
+    assert r.status == "ok", r.error
+    assert r.median_s > 0
+    if mode == "decode":
+        assert r.backend.startswith("decode/sdpa")
+        assert r.kv_cache_tokens == 128
+    else:
+        assert r.backend.startswith("sdpa/")
+        assert r.kv_cache_tokens is None
+
+
+@pytest.mark.parametrize("what", ["block", "model"])
+@pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
+def test_block_and_model(what, mode):
+    r = time_spec(spec("sqa"), seq_len=64, mode=mode, what=what, n_layers=2, use_cache=False, **FAST)
+    assert r.status == "ok", r.error
+    assert r.what == what
+    assert r.n_layers == (2 if what == "model" else 1)
+    assert r.kv_cache_bytes == spec("sqa").kv_cache_bytes(64, 4) * r.n_layers
+    if mode == "decode":
+        assert r.kv_cache_tokens == 64
+
+
+def test_decode_cache_holds_n_tokens_or_the_window():
+    full = time_spec(spec("sqa"), seq_len=160, mode="decode", use_cache=False, **FAST)
+    windowed = time_spec(spec("swsqa", window=32), seq_len=160, mode="decode", use_cache=False, **FAST)
+    short = time_spec(spec("swsqa", window=32), seq_len=20, mode="decode", use_cache=False, **FAST)
+    assert (full.kv_cache_tokens, windowed.kv_cache_tokens, short.kv_cache_tokens) == (160, 32, 20)
+    # the record says how big the cache is: GQA/MQA shrink it, SQA's fewer query heads do not
+    mha, mqa, sqa = (time_spec(spec(v), seq_len=64, mode="decode", use_cache=False, **FAST) for v in ("mha", "mqa", "sqa"))
+    assert mqa.kv_cache_bytes < sqa.kv_cache_bytes < mha.kv_cache_bytes
+    assert mqa.kv_cache_bytes * H == mha.kv_cache_bytes
+
+
+def test_decode_of_a_bidirectional_spec_is_an_error_record(cache):
+    r = time_spec(spec("sqa", causal=False), seq_len=64, mode="decode", cache_dir=cache, **FAST)
+    assert r.status == "error"
+    assert "causal" in r.error and "decode" in r.error
+    assert r.median_s is None
+    assert not cache.exists()  # errors are not cached
+
+
+def test_cache_returns_the_stored_record_and_force_retimes(cache):
+    s = spec("xsqa")
+    first = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    assert not first.from_cache
+    path = cache / first.fingerprint_id / f"{first.key}.json"
+    assert path.is_file()
+    assert not list(path.parent.glob(".tmp-*"))  # atomic write left no temporary behind
+
+    again = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    assert again.from_cache
+    assert again.times_s == first.times_s and again.timestamp == first.timestamp
+
+    other = time_spec(s, seq_len=96, mode="train", cache_dir=cache, **FAST)  # another key
+    assert not other.from_cache and other.key != first.key
+
+    forced = time_spec(s, seq_len=96, cache_dir=cache, force=True, **FAST)
+    assert not forced.from_cache and forced.timestamp > first.timestamp
+    assert forced.key == first.key
+    assert time_spec(s, seq_len=96, cache_dir=cache, **FAST).timestamp == forced.timestamp
+
+    # a damaged file is timed again, not trusted
+    path.write_text("{not json")
+    assert not time_spec(s, seq_len=96, cache_dir=cache, **FAST).from_cache
+
+
+def test_no_cache_writes_nothing(cache):
+    r = time_spec(spec("mqa"), seq_len=64, cache_dir=cache, use_cache=False, **FAST)
+    assert r.status == "ok" and not cache.exists()
+
+
+def test_cache_dir_default_and_env(monkeypatch, tmp_path):
+    monkeypatch.delenv("SQA_SEARCH_CACHE", raising=False)
+    assert default_cache_dir().parts[-3:] == (".cache", "sqa_search", "timings")
+    monkeypatch.setenv("SQA_SEARCH_CACHE", str(tmp_path / "root"))
+    assert default_cache_dir() == tmp_path / "root" / "timings"
+    assert default_cache_dir(tmp_path / "mine") == tmp_path / "mine"  # the argument wins
+
+
+def test_out_of_memory_is_a_record_and_the_caller_goes_on():
+    # a real allocation failure: 16 PiB of input cannot be mapped on any machine
+    r = time_spec(spec("sqa"), batch=2**40, seq_len=64, use_cache=False, **FAST)
+    assert r.status == "oom"
+    assert "allocate" in r.error
+    assert r.median_s is None and r.times_s == []
+    ok = time_spec(spec("sqa"), seq_len=64, use_cache=False, **FAST)
+    assert ok.status == "ok"
+
+
+def test_failure_inside_the_timed_call_is_an_error_record(cache):
+    # FlexAttention has no backward on CPU: a genuine failure of the timed train step
+    r = time_spec(spec("swsqa", window=32), seq_len=128, mode="train", backend="flex", cache_dir=cache, **FAST)
+    assert r.status == "error"
+    assert "NotImplementedError" in r.error and "backward" in r.error
+    assert not cache.exists()
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_eager_flex_is_flagged():
+    r = time_spec(spec("swsqa", window=32), seq_len=128, backend="flex", use_cache=False, **FAST)
+    assert r.status == "ok"
+    assert r.backend == "flex-eager" and "eager-flex" in r.flags
+
+
+def test_windowed_spec_runs_the_blocked_path():
+    r = time_spec(spec("swsqa", window=32), seq_len=256, use_cache=False, **FAST)
+    assert r.backend.startswith("blocked/")
+    assert "math-fallback" not in r.flags or "math" in r.backend
+
+
+def test_bad_arguments_raise_before_timing():
+    with pytest.raises(TimingError, match="mode='sideways'"):
+        time_spec(spec(), seq_len=64, mode="sideways")
+    with pytest.raises(TimingError, match="what="):
+        time_spec(spec(), seq_len=64, what="galaxy")
+    with pytest.raises(TimingError, match="seq_len=0"):
+        time_spec(spec(), seq_len=0)
+    with pytest.raises(TimingError, match="dtype="):
+        time_spec(spec(), seq_len=64, dtype="float8")
+    with pytest.raises(TimingError, match="backend="):
+        time_spec(spec(), seq_len=64, backend="triton")
+    if not torch.cuda.is_available():
+        with pytest.raises(TimingError, match="CUDA is not available"):
+            time_spec(spec(), seq_len=64, device="cuda")
+
+
+def test_time_specs_grid_order_and_records(cache):
+    specs = [spec("mha"), spec("xsqa")]
+    out = time_specs(specs, seq_lens=[32, 64], modes=["prefill", "decode"], progress=True, cache_dir=cache, **FAST)
+    assert [(r.mode, r.seq_len, r.variant) for r in out] == [
+        (m, n, v) for m in ("prefill", "decode") for n in (32, 64) for v in ("mha", "xsqa")
+    ]
+    assert all(r.status == "ok" for r in out)
+
+
+@pytest.mark.slow
+def test_fresh_process_gives_the_same_record_form(cache):
+    s = spec("ssqa")
+    r = time_spec_subprocess(s, seq_len=64, mode="train", cache_dir=cache, timeout_s=300, **FAST)
+    assert isinstance(r, TimingResult)
+    assert r.status == "ok", r.error
+    assert r.median_s > 0 and r.backend.startswith("sdpa/") and not r.from_cache
+    assert set(r.to_dict()) == set(time_spec(s, seq_len=64, use_cache=False, **FAST).to_dict())
+    # the child wrote the cache under the same key this process computes
+    local = time_spec(s, seq_len=64, mode="train", cache_dir=cache, **FAST)
+    assert local.from_cache and local.times_s == r.times_s and local.key == r.key
+    # and a cached point starts no process
+    assert time_spec_subprocess(s, seq_len=64, mode="train", cache_dir=cache, **FAST).from_cache
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_timing_uses_events_and_the_allocator():
+    r = time_spec(spec("sqa"), seq_len=512, dtype="bfloat16", device="cuda", use_cache=False, budget_s=0.2)
+    assert r.status == "ok", r.error
+    assert r.device.startswith("cuda") and r.mem_kind == CUDA_MEM_KIND and r.peak_mem_bytes > 0
+    assert r.fingerprint["compute_capability"] and r.fingerprint["device_name"]
+    assert r.backend.startswith("sdpa/")
+    d = time_spec(spec("swsqa", window=64), seq_len=512, mode="decode", dtype="bfloat16", device="cuda",
+                  use_cache=False, budget_s=0.2)
+    assert d.status == "ok" and d.kv_cache_tokens == 64
