@@ -15,6 +15,7 @@ _PUBLIC = {
     "SparseQueryAttention": "attention",
     "ModelConfig": "model",
     "ProxyLM": "model",
+    "load_layer": "export",
 }
 __all__ = list(_PUBLIC)
 

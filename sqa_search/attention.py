@@ -9,8 +9,8 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
   ``b >= W`` tokens each attend to their own and the neighbouring key blocks in one batched
   SDPA call, so cost is linear in N, forward and backward, on any device.
 * ``flex``: FlexAttention with a block mask; the default for windows and global tokens on CUDA,
-  where the compiled kernel runs forward and backward. On CPU it can be forced (eager flex
-  materialises N x N, so it is for checking, not speed).
+  where the compiled kernel runs forward and backward. On CPU it can be forced for checking:
+  eager flex materialises N x N and, in torch 2.13, has no backward on CPU (forward only).
 * ``sdpa-masked``: full attention plus global tokens off CUDA: an (N, N+G) boolean mask.
 
 Head grouping and mask conventions are defined in `sqa_search.spec`.

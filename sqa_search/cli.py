@@ -11,6 +11,8 @@ import sys
 SUBCOMMANDS = {
     "run": ("sqa_search.study", "run (or resume, or extend) a search study from a search-space YAML"),
     "show": ("sqa_search.report", "show a study's trials, Pareto set and hypervolume; write CSV, plots, report"),
+    "recommend": ("sqa_search.recommend", "recommend a head configuration for a target hardware, sequence length and workload"),
+    "export": ("sqa_search.export", "export a configuration as a standalone PyTorch module, a config and a README"),
     "bench": ("sqa_search.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
 }
 

@@ -356,10 +356,12 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
     t.check_unknown([f.name for f in dataclasses.fields(TargetSection)])
     hardware = t.data.get("hardware", "local")
     if hardware != "local":
-        from .cost import CostError, list_profiles  # only needed for predicted targets
+        from .cost import CostError, list_profiles, load_profile  # only needed for predicted targets
 
-        if hardware not in list_profiles():
-            raise t.error("hardware", hardware, f"choose local or one of {', '.join(list_profiles())}")
+        try:
+            hardware = load_profile(hardware).name  # short names such as h100 resolve here
+        except (CostError, TypeError):
+            raise t.error("hardware", hardware, f"choose local or one of {', '.join(list_profiles())}") from None
     device = t.data.get("device", "auto")
     if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
         raise t.error("device", device, "choose auto, cpu, cuda or cuda:N")

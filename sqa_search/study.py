@@ -24,6 +24,7 @@ import multiprocessing
 import os
 import socket
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,15 +63,19 @@ def _default_storage(study_dir: Path, workers: int) -> str:
     return f"sqlite:///{(study_dir / 'study.db').resolve()}"
 
 
-def _open_storage(url: str):
+def _open_storage(url: str, heartbeat: bool = True):
     if url.startswith("journal:"):
         from optuna.storages import JournalStorage
         from optuna.storages.journal import JournalFileBackend
 
         return JournalStorage(JournalFileBackend(url[len("journal:"):]))
     if url.startswith(("sqlite", "postgresql", "mysql")):
+        if not heartbeat:  # read-only use (show, recommend, export)
+            return optuna.storages.RDBStorage(url)
         # heartbeats let RDB storages fail trials of workers on other hosts that died
-        return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
     return url
 
 
@@ -102,7 +107,7 @@ def open_study(study_dir: str | Path) -> StudyHandle:
         raise StudyError(f"no study at {str(study_dir)!r}: {META_FILE} is missing (run `sqa-search run` first)")
     meta = json.loads(meta_path.read_text())
     space = load_space(study_dir / SPACE_FILE, name=meta["name"])
-    study = optuna.load_study(study_name=meta["name"], storage=_open_storage(meta["storage"]))
+    study = optuna.load_study(study_name=meta["name"], storage=_open_storage(meta["storage"], heartbeat=False))
     return StudyHandle(study, space, study_dir, meta["storage"])
 
 
