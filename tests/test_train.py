@@ -30,9 +30,17 @@ def tiny_spec(name="mha", **kw):
 
 
 def tiny_config(**kw):
-    base = dict(budget_steps=4, batch_size=4, seq_len=32, eval_batches=2, threads=1, task="lm", mqar=TINY_MQAR)
+    base = dict(budget_steps=4, batch_size=4, seq_len=32, eval_batches=2, threads=1, task="lm", mqar=TINY_MQAR,
+                mqar_batch_size=4)
     base.update(kw)
     return TrainConfig(**base)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _warm_torch():
+    """The first optimizer a process builds imports torch._dynamo (seconds); pay it once here
+    so that no single test looks slow for it."""
+    torch.optim.AdamW([nn.Parameter(torch.zeros(1))])
 
 
 @pytest.fixture(scope="session")
@@ -256,6 +264,21 @@ def test_same_seed_same_loss(tokens):
     assert abs(a.val_loss - b.val_loss) <= 1e-6 and a.mqar_accuracy == b.mqar_accuracy
     other = train_spec(tiny_spec("sqa"), TINY_MODEL, tiny_config(seed=1), data=tokens, progress=False)
     assert other.loss_curve != a.loss_curve
+
+
+def test_data_seed_fixes_the_data_order(monkeypatch, tokens):
+    seen = []
+    real = train_mod.lm_batch
+
+    def spy(tokens, batch_size, seq_len, step, seed):
+        seen.append(seed)
+        return real(tokens, batch_size, seq_len, step=step, seed=seed)
+
+    monkeypatch.setattr(train_mod, "lm_batch", spy)
+    for seed, data_seed in ((3, 0), (4, 0), (5, None)):
+        train_spec(tiny_spec(), TINY_MODEL, tiny_config(seed=seed, data_seed=data_seed, budget_steps=1),
+                   data=tokens, progress=False)
+    assert seen == [0, 0, 5]
 
 
 def test_caller_state_is_restored(tokens):
