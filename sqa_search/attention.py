@@ -121,6 +121,7 @@ class SparseQueryAttention(nn.Module):
         self.register_buffer("_kv_index", torch.tensor(spec.kv_head_of_query), persistent=False)
         self.register_buffer("_q_index", torch.tensor(spec.query_head_of_kv), persistent=False)
         self.last_backend: str | None = None
+        self._mask_cache: dict = {}  # blocked-path masks by shape; not state, not saved
 
     # -- shapes --
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -250,11 +251,7 @@ class SparseQueryAttention(nn.Module):
         kb = kp.unfold(2, span * blk, blk).transpose(-1, -2)  # (B, H, nb, span*blk, hd)
         vb = vp.unfold(2, span * blk, blk).transpose(-1, -2)
 
-        q_pos = torch.arange(nb * blk, device=q.device).view(nb, blk, 1)
-        k_pos = (torch.arange(nb, device=q.device).view(nb, 1, 1) * blk - before
-                 + torch.arange(span * blk, device=q.device).view(1, 1, -1))
-        mask = _pair_mask(q_pos, k_pos, spec.causal, w) & (k_pos >= 0) & (k_pos < n)
-        mask = mask | (q_pos >= n)  # padded query rows: anything, so no row is empty (discarded)
+        mask = self._block_mask(n, blk, span, before, q.device, q.dtype)
 
         # fold the blocks into the batch: (B*nb, H, blk, hd) queries, (B*nb, H, span*blk, hd) keys
         qf = qb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, blk, hd)
@@ -266,13 +263,36 @@ class SparseQueryAttention(nn.Module):
             g = gk.shape[2]
             kf = torch.cat([kf, gk.repeat_interleave(nb, dim=0)], dim=2)
             vf = torch.cat([vf, gv.repeat_interleave(nb, dim=0)], dim=2)
-            maskf = torch.cat([maskf, maskf.new_ones(bsz * nb, 1, blk, g)], dim=-1)
+            maskf = torch.cat([maskf, maskf.new_zeros(bsz * nb, 1, blk, g)], dim=-1)  # globals: visible
         name = "blocked"
         if not _tracing():
             name = f"blocked/{_sdp_kernel(qf, kf, vf, attn_mask=maskf)}"
         of = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=maskf)
         o = of.view(bsz, nb, h, blk, hd).permute(0, 2, 1, 3, 4).reshape(bsz, h, nb * blk, hd)
         return o[:, :, :n], name
+
+    def _block_mask(self, n, blk, span, before, device, dtype):
+        """Additive mask (0 visible, -inf hidden) of the blocked path, (nb, blk, span*blk).
+
+        Cached per shape: building it each call cost as much as the attention itself on CPU,
+        and handing SDPA a float mask spares its own bool-to-float conversion.
+        """
+        key = (n, blk, span, before, str(device), dtype)
+        cached = None if _tracing() else self._mask_cache.get(key)
+        if cached is not None:
+            return cached
+        nb = -(-n // blk)
+        q_pos = torch.arange(nb * blk, device=device).view(nb, blk, 1)
+        k_pos = (torch.arange(nb, device=device).view(nb, 1, 1) * blk - before
+                 + torch.arange(span * blk, device=device).view(1, 1, -1))
+        visible = _pair_mask(q_pos, k_pos, self.spec.causal, self.spec.window) & (k_pos >= 0) & (k_pos < n)
+        visible = visible | (q_pos >= n)  # padded query rows: anything, so no row is empty (discarded)
+        mask = torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
+        if not _tracing():
+            if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
+                self._mask_cache.clear()
+            self._mask_cache[key] = mask
+        return mask
 
     # -- FlexAttention --
     def _flex(self, q, k, v, g_kv):
