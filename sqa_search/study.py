@@ -137,6 +137,15 @@ def _prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, sto
         tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, meta_path)
     directions = space.directions if space.study.mode == "pareto" else [space.directions[0]]
+    try:
+        existing = optuna.load_study(study_name=space.name, storage=_open_storage(storage_url, heartbeat=False))
+    except KeyError:
+        existing = None
+    if existing is not None and [d.name.lower() for d in existing.directions] != directions:
+        raise StudyError(
+            f"study {space.name!r} optimises {[d.name.lower() for d in existing.directions]}, but the search space "
+            f"now asks for {directions} (study.mode or objectives changed): use another --name"
+        )
     study = optuna.create_study(
         study_name=space.name, storage=_open_storage(storage_url), directions=directions,
         sampler=_sampler(space), load_if_exists=True,
@@ -491,7 +500,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--storage", help="an Optuna storage URL (postgresql://..., mysql://..., sqlite:///...); "
                                           "default: SQLite under studies/<name>/ (a journal file with --workers > 1)")
     parser.add_argument("--workers", type=int, default=1, help="worker processes on this host (default 1)")
-    parser.add_argument("--backend", choices=["optuna"], default="optuna", help="search backend")
+    parser.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
+                        help="optuna: embedded (default); ray: Ray Tune, on a local instance or a cluster")
+    parser.add_argument("--address", help="with --backend ray: HEAD_IP:PORT of an existing Ray cluster")
+    parser.add_argument("--cpus-per-trial", type=float, default=1, help="with --backend ray (default 1)")
+    parser.add_argument("--gpus-per-trial", type=float, default=None,
+                        help="with --backend ray: default one whole GPU when a trial runs on a GPU; "
+                             "fractions are refused for timing trials")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="with --backend ray (default: what fits, <= 4)")
+    parser.add_argument("--max-retries", type=int, default=2, help="with --backend ray: retries of a crashed trial")
     parser.add_argument("--studies-dir", default=str(DEFAULT_STUDIES_DIR), help="where studies live (default studies/)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -500,8 +517,22 @@ def run(args) -> int:
     from .report import pareto_table, _front_columns
 
     try:
-        handle = run_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
-                           workers=args.workers, studies_dir=args.studies_dir, progress=not args.no_progress)
+        if args.backend == "ray":
+            if args.workers != 1:
+                raise StudyError(f"--workers={args.workers} is not allowed with --backend ray: Ray schedules "
+                                 f"the trials (use --max-concurrent)")
+            from .ray_backend import run_ray_study
+
+            handle = run_ray_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
+                                   studies_dir=args.studies_dir, address=args.address,
+                                   cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                                   max_concurrent=args.max_concurrent, max_retries=args.max_retries,
+                                   progress=not args.no_progress)
+        else:
+            if args.address:
+                raise StudyError(f"--address={args.address!r} is only for --backend ray")
+            handle = run_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
+                               workers=args.workers, studies_dir=args.studies_dir, progress=not args.no_progress)
     except (StudyError, SpaceError) as exc:
         print(f"error: {exc}")
         return 2
