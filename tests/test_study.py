@@ -152,3 +152,28 @@ def test_two_workers_share_a_journal_without_losing_or_duplicating(tmp_path):
     # the enqueued anchors (claimed atomically) must never be duplicated
     anchors = [t for t in study.trials if "anchor" in t.user_attrs]
     assert len({t.user_attrs["anchor"] for t in anchors}) == len(anchors) == 3
+
+
+@pytest.mark.slow
+def test_constrained_mode_minimises_loss_under_a_latency_budget_and_prunes(tmp_path):
+    # a budget no timing can meet prunes every candidate before training, with its reason
+    path = _space_file(tmp_path, name="tight", constraints={"max_latency_s": 1e-9},
+                       study={"mode": "constrained", "trials": 3})
+    handle = run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    study = handle.study
+    assert len(study.directions) == 1
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert len(pruned) == 3
+    assert all("over" in t.user_attrs["prune_reason"] or "max_latency_s" in t.user_attrs["prune_reason"]
+               for t in pruned)
+    assert all("train" not in t.user_attrs for t in pruned)  # no training was spent on them
+    # a generous budget: trials complete with one objective, the loss, and report their curves
+    loose = _space_file(tmp_path, name="loose", constraints={"max_latency_s": 10.0},
+                        study={"mode": "constrained", "trials": 3},
+                        training={"budget_steps": 8, "eval_every": 2})
+    handle = run_study(loose, studies_dir=tmp_path / "studies", progress=False)
+    done = handle.study.get_trials(states=(TrialState.COMPLETE,))
+    assert done and all(len(t.values) == 1 for t in done)
+    assert all(t.intermediate_values for t in done)  # reported to the pruner
+    frame, front, hv = pareto_table(handle)
+    assert not front.empty
