@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
+from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s
 
 __all__ = [
     "ExportError",
@@ -746,25 +747,6 @@ def parse_spec(text: str, *, d_model: int | None = None, n_heads: int | None = N
 
 
 # ===== writing =======================================================================================
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    if x >= 1:
-        return f"{x:.3f} s"
-    if x >= 1e-3:
-        return f"{1e3 * x:.3f} ms"
-    return f"{1e6 * x:.1f} us"
 
 
 def _resolve_state_dict(obj, prefix: str | None, source: str) -> dict:

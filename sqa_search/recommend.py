@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .spec import AttentionSpec, SpecError
+from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s
 
 __all__ = [
     "RecommendError",
@@ -123,25 +124,6 @@ def _parse_seq_len(text) -> int:
 
 
 # ----- formatting ----------------------------------------------------------------------------------
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    if x >= 1:
-        return f"{x:.3f} s"
-    if x >= 1e-3:
-        return f"{1e3 * x:.3f} ms"
-    return f"{1e6 * x:.1f} us"
 
 
 def _fmt_x(x) -> str:
