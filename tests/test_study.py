@@ -97,24 +97,37 @@ def test_changed_space_is_not_mixed_into_an_existing_study(tmp_path):
 
 
 def _finished(storage_url, name):
+    if not Path(storage_url[len("sqlite:///"):]).exists():
+        return 0
     try:
         return finished_count(optuna.load_study(study_name=name, storage=storage_url))
     except Exception:  # the study or its tables are still being created by the subprocess
         return 0
 
 
+def _running(storage_url, name):
+    if not storage_url.startswith("sqlite:///") or not Path(storage_url[len("sqlite:///"):]).exists():
+        return False
+    try:
+        study = optuna.load_study(study_name=name, storage=storage_url)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        return any("spec_key" in t.user_attrs for t in running)  # well inside its objective
+    except Exception:  # still being created by the subprocess
+        return False
+
+
 @pytest.mark.slow
 def test_killed_run_loses_nothing_and_rerun_completes(tmp_path):
     path = _space_file(tmp_path, name="killme", study={"trials": 6},
-                       training={"budget_steps": 20})  # long enough to be killed mid-trial
+                       training={"budget_steps": 60})  # a few seconds a trial: long enough to be killed mid-trial
     studies = tmp_path / "studies"
     cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--studies-dir", str(studies), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{(studies / 'killme' / 'study.db').resolve()}"
     deadline = time.time() + 240
-    while time.time() < deadline and (not (studies / "killme" / "study.db").exists() or _finished(storage, "killme") < 2):
-        time.sleep(0.5)
-    time.sleep(1.0)  # well inside the next trial
+    # kill as soon as two trials are done and a third is running: mid-trial, whatever the machine's speed
+    while time.time() < deadline and not (_finished(storage, "killme") >= 2 and _running(storage, "killme")):
+        time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     study = optuna.load_study(study_name="killme", storage=storage)
