@@ -20,3 +20,7 @@ def fmt_s(x) -> str:
     if x >= 1e-3:
         return f"{1e3 * x:.3f} ms"
     return f"{1e6 * x:.1f} us"
+
+
+def fmt_x(x) -> str:
+    return "-" if x is None else f"{x:.2f}x"

@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 
 from .spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
+from ._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
 
 __all__ = ["add_arguments", "run", "main", "BenchError", "parse_variants", "parse_seq_lens", "DEFAULT_VARIANTS"]
 
@@ -270,20 +271,6 @@ def _fmt_s(x) -> str:
     if x >= 1e-3:
         return f"{x:.4f}"
     return f"{x:.2e}"
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-def _fmt_x(x) -> str:
-    return "-" if x is None else f"{x:.2f}x"
 
 
 def _render(headers, rows) -> str:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .spec import AttentionSpec, SpecError
-from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s
+from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s, fmt_x as _fmt_x
 
 __all__ = [
     "RecommendError",
@@ -124,10 +124,6 @@ def _parse_seq_len(text) -> int:
 
 
 # ----- formatting ----------------------------------------------------------------------------------
-
-
-def _fmt_x(x) -> str:
-    return "-" if x is None else f"{x:.2f}x"
 
 
 def _fmt_pct(x) -> str:

@@ -20,11 +20,6 @@ def _objectives(handle):
     return [space.objectives.quality], space.directions[:1]
 
 
-def _frame_objective_columns(frame, names):
-    columns = {"val_loss": "quality", "mqar_accuracy": "quality"}
-    return [columns.get(n, n) for n in names]
-
-
 def pareto_table(handle):
     """(all trials, Pareto set, hypervolume): the Pareto set with speedup and quality change
     against MHA and GQA where those were evaluated."""
