@@ -36,7 +36,7 @@ MODE_TITLES = {"prefill": "forward (prefill)", "train": "forward+backward (train
 CSV_COLUMNS = (
     "source", "mode", "mode_label", "what", "variant", "label", "n_q_heads", "n_kv_heads", "window",
     "n_global", "causal", "d_model", "n_heads", "n_layers", "batch", "seq_len", "dtype", "device",
-    "threads", "seconds", "iqr_s", "n_repeats", "speedup_vs_mha", "speedup_vs_gqa", "backend", "flags",
+    "threads", "seconds", "iqr_s", "raw_seconds", "machine_speed", "speed_corrected", "n_repeats", "speedup_vs_mha", "speedup_vs_gqa", "backend", "flags",
     "peak_mem_bytes", "mem_kind", "kv_cache_bytes", "kv_cache_tokens", "status", "error",
     "hardware", "fingerprint_id", "profile", "calibration", "pred_flops", "pred_bytes", "pred_bound",
 )
@@ -78,12 +78,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write CSV, JSON-lines records and a PNG plot to DIR")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for timing (default: torch's current)")
-    parser.add_argument("--budget-s", type=float, default=1.0, help="timing budget per point in seconds (default 1)")
+    parser.add_argument("--budget-s", type=float, default=2.0,
+                        help="timing budget per point in seconds (default 2: a busy CPU needs several repeats)")
+    parser.add_argument("--passes", type=int, default=None,
+                        help="go over the whole grid this many times, each with a share of the budget, and "
+                             "pool each point's repeats (default 3 on CPU, 1 on CUDA)")
     parser.add_argument("--max-repeats", type=int, default=50, help="most timed repeats per point (default 50)")
     parser.add_argument("--force", action="store_true", help="re-time points that are in the timing cache")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
                         help="neither read nor write the timing cache")
     parser.add_argument("--cache-dir", default=None, help="timing cache directory (default: see sqa_search.timing)")
+    parser.add_argument("--no-speed-correction", dest="speed_correction", action="store_const", const=False,
+                        default=None, help="report raw CPU times, not corrected for the machine's speed "
+                                           "(see sqa_search.speed_probe; raw times are in the CSV either way)")
     parser.add_argument("--fresh-process", action="store_true",
                         help="time each point in a fresh Python process (long sweeps with compiled kernels)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -208,6 +215,8 @@ def _validate(args) -> dict:
         raise BenchError(f"--dtype: {args.dtype!r} is not known: choose one of float32, bfloat16, float16") from None
     plan["n_layers"] = (args.layers or 8) if args.what == "model" else 1
     plan["device_type"] = device_type
+    # on a CPU the machine's speed wanders in spells of seconds: spread each point over the sweep
+    plan["passes"] = _positive("--passes", args.passes) or (3 if device_type == "cpu" else 1)
     return plan
 
 
@@ -221,6 +230,7 @@ def _measure(args, plan) -> list:
         device=str(plan["device"]), what=args.what, n_layers=plan["n_layers"] if args.what == "model" else None,
         threads=args.threads, budget_s=args.budget_s, max_repeats=args.max_repeats,
         cache_dir=args.cache_dir, use_cache=args.use_cache, force=args.force,
+        speed_correction=args.speed_correction, passes=plan["passes"],
     )
 
 
@@ -320,8 +330,22 @@ def _title(args, plan, results, mode) -> str:
     where = fp.get("device_name") or str(plan["device"])
     threads = f", {fp.get('threads')} threads" if plan["device"].type == "cpu" else ""
     headline = f"MEASURED on {plan['device']} ({where}{threads}, torch {fp.get('torch_version', '?')})"
-    body = (f"{MODE_TITLES[mode] + ', ' if mode else ''}{shape}; seconds per step, median of timed repeats")
-    return f"{headline}\n{body}"
+    pooled = f" pooled from {plan['passes']} passes over the grid" if plan.get("passes", 1) > 1 else ""
+    body = (f"{MODE_TITLES[mode] + ', ' if mode else ''}{shape}; seconds per step, median of timed repeats{pooled}")
+    correction = _speed_note(results)
+    return f"{headline}\n{body}" + (f"\n{correction}" if correction else "")
+
+
+def _speed_note(results) -> str | None:
+    """How much the CPU speed correction moved the figures, so a reader can judge it."""
+    corrected = [r for r in results if r.ok and r.speed_corrected and r.machine_speed]
+    if not corrected:
+        return None
+    speeds = [s for r in corrected for s in r.speeds] or [r.machine_speed for r in corrected]
+    ref = corrected[0].reference_probe_s
+    return (f"corrected to this machine's reference speed (probe {ref * 1e3:.2f} ms; see sqa_search.speed_probe): "
+            f"the machine ran at {min(speeds):.2f}-{max(speeds):.2f}x of it during these timings; "
+            f"raw medians are in the CSV (raw_seconds); --no-speed-correction reports them instead")
 
 
 def _matrix(results, plan, mode) -> str:
@@ -492,6 +516,9 @@ def _csv_rows(results, args, plan):
             "threads": r.threads,
             "seconds": r.median_s,
             "iqr_s": r.iqr_s,
+            "raw_seconds": r.raw_median_s,
+            "machine_speed": r.machine_speed,
+            "speed_corrected": r.speed_corrected,
             "n_repeats": r.n_repeats,
             "speedup_vs_mha": None if vs_mha is None else round(vs_mha, 4),
             "speedup_vs_gqa": None if vs_gqa is None else round(vs_gqa, 4),

@@ -1196,7 +1196,7 @@ def _time_min(step, repeats: int, clock, min_time_s: float = 0.02) -> float:
 
 def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MODES, dtype="float32",
                                 device="cpu", repeats=3, passes=3, threads: int | None = 1, clock: str = "auto",
-                                save: bool = False, progress=None):
+                                save: bool = False, progress=None, speed_correction: bool | None = None):
     """Time a spread of attention layers here, calibrate `profile` on them, optionally save it.
 
     The script-like path to a calibrated profile for this machine (also
@@ -1213,6 +1213,9 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
     on the calling thread). "auto" picks "thread" there and "wall" otherwise. Thread time
     estimates the step on an idle core: on a loaded machine wall time is longer by the load.
     The clock is recorded in the fingerprint.
+    speed_correction (default: on for CPU): each timing is scaled by the machine's speed at
+    that moment against its stored reference, as `sqa_search.timing` does (see
+    `sqa_search.speed_probe`), so the profile predicts the figures `sqa-search bench` measures.
     Returns (calibrated profile, report, records); records are TimingResult-shaped dicts
     (their ``median_s`` holds that fastest time).
     """
@@ -1230,11 +1233,24 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
             raise _fail("clock", clock, ("auto", "wall", "thread"))
         if clock == "thread" and not (on_cpu and torch.get_num_threads() == 1):
             raise _fail("clock", clock, "'thread' needs device='cpu' and threads=1 (ops on other threads go uncounted)")
+        if speed_correction is None:
+            speed_correction = on_cpu
+        if speed_correction and not on_cpu:
+            raise _fail("speed_correction", speed_correction, "True only with device='cpu' (the probe is a CPU kernel)")
         import time
 
         timer = time.thread_time if clock == "thread" else time.perf_counter
         fp = _machine_fingerprint(str(device), torch.get_num_threads())
         fp["clock"] = "thread-cpu-time" if clock == "thread" else "wall"
+        probe = reference = None
+        if speed_correction:
+            from .speed_probe import SpeedProbe, machine_reference
+            from .timing import default_cache_dir, fingerprint, fingerprint_id
+
+            probe = SpeedProbe(clock=timer)
+            reference = machine_reference(probe, cache_dir=default_cache_dir(), fingerprint_id=fingerprint_id(
+                fingerprint(device, dtype, torch.get_num_threads()))).probe_s
+            fp["speed_corrected"], fp["reference_probe_s"] = True, reference
         jobs = []
         for cfg in configs:
             overrides = {"window": cfg["window"]} if cfg.get("window") else {}
@@ -1246,7 +1262,11 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
                 jobs.append({"spec": spec, "mode": mode, "cfg": cfg, "step": step, "layer": layer, "best": math.inf})
         for _ in range(max(1, passes)):
             for job in jobs:
-                job["best"] = min(job["best"], _time_min(job["step"], repeats, timer))
+                before = probe() if probe else None
+                best = _time_min(job["step"], repeats, timer)
+                if probe:
+                    best *= reference / ((before + probe()) / 2)  # at the machine's reference speed
+                job["best"] = min(job["best"], best)
         records = []
         for job in jobs:
             cfg = job["cfg"]

@@ -277,6 +277,7 @@ class Objective:
                 if result.status != "ok":
                     self._fail(trial, f"timing {result.status}: {result.error}")
                 records.append({"seq_len": n, "median_s": result.median_s, "iqr_s": result.iqr_s,
+                                "raw_median_s": result.raw_median_s, "machine_speed": result.machine_speed,
                                 "backend": result.backend, "flags": result.flags,
                                 "fingerprint_id": result.fingerprint_id, "peak_mem_bytes": result.peak_mem_bytes})
                 total += result.median_s

@@ -17,6 +17,13 @@ Method, and why:
   host-side clocks time the launches, not the work) and an L2 flush (a 256 MiB buffer, or
   twice the L2, zeroed) before each repeat, so a small shape is not timed out of a warm L2.
   CPU: ``time.perf_counter`` and a fixed, recorded thread count.
+* CPU speed correction (default on CPU): a shared machine changes speed under a timing, in
+  phases longer than any timing budget, so each repeat is scaled by the machine's speed at
+  that moment, measured by a fixed probe kernel between repeats against this machine's stored
+  reference (`sqa_search.speed_probe`). ``median_s``/``iqr_s`` are then "seconds at the
+  machine's reference speed"; ``raw_median_s``, ``times_s`` (raw), ``speeds`` and
+  ``machine_speed`` keep what the clock said. ``machine-busy`` flags a median correction
+  above 1.5x.
 * The backend of every timed repeat is read from ``layer.last_backend``; a change during the
   timed repeats, a math-path SDPA, an eager FlexAttention, a compilation during the timed
   repeats or dynamo's recompile limit being hit (best effort: read from
@@ -69,6 +76,8 @@ import torch
 import torch.nn.functional as F
 
 from .spec import AttentionSpec
+from .speed_probe import (BUSY_CORRECTION, PROBE_INTERVAL_S, SpeedProbe, corrected_times, machine_reference,
+                          stored_reference)
 
 __all__ = [
     "TimingResult",
@@ -78,6 +87,7 @@ __all__ = [
     "time_spec",
     "time_specs",
     "time_spec_subprocess",
+    "merge_passes",
     "fingerprint",
     "fingerprint_id",
     "default_cache_dir",
@@ -85,7 +95,7 @@ __all__ = [
 ]
 
 # Bump when the method changes so old cached timings are not mixed with new ones.
-TIMING_VERSION = 1
+TIMING_VERSION = 2  # 2: CPU repeats corrected for machine speed (speed_probe.py)
 
 MODES = ("train", "prefill", "decode")
 WHATS = ("layer", "block", "model")
@@ -149,8 +159,14 @@ class TimingResult:
     d_ff: int | None = None
     requested_backend: str = "auto"
     threads: int | None = None
-    median_s: float | None = None
+    median_s: float | None = None  # corrected for machine speed when speed_corrected (CPU default)
     iqr_s: float | None = None
+    raw_median_s: float | None = None  # the median of the uncorrected repeats (== median_s otherwise)
+    raw_iqr_s: float | None = None
+    speed_corrected: bool = False
+    machine_speed: float | None = None  # median of reference / probe over the repeats: 0.7 = ran 30 % slow
+    speeds: list = field(default_factory=list)  # that speed at each repeat
+    reference_probe_s: float | None = None  # the machine's stored probe time the speeds divide by
     n_repeats: int = 0
     times_s: list = field(default_factory=list)
     n_warmup: int = 0
@@ -170,6 +186,7 @@ class TimingResult:
     timestamp: float = 0.0
     timing_version: int = TIMING_VERSION
     from_cache: bool = False
+    passes: int = 1  # separate passes whose repeats were pooled (time_specs(passes=...))
 
     @property
     def ok(self) -> bool:
@@ -190,6 +207,7 @@ class TimingResult:
             device=self.device,
             threads=self.threads,
             backend=self.requested_backend,
+            speed_corrected=self.speed_corrected,
         )
 
     @property
@@ -208,7 +226,8 @@ class TimingResult:
         return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def _job_key(*, fingerprint_id, spec, batch, seq_len, mode, what, n_layers, d_ff, dtype, device, threads, backend):
+def _job_key(*, fingerprint_id, spec, batch, seq_len, mode, what, n_layers, d_ff, dtype, device, threads, backend,
+             speed_corrected=False):
     device_type = str(device).split(":")[0]
     payload = {
         "v": TIMING_VERSION,
@@ -225,6 +244,7 @@ def _job_key(*, fingerprint_id, spec, batch, seq_len, mode, what, n_layers, d_ff
         # threads only matter where the CPU does the work
         "threads": threads if device_type == "cpu" else None,
         "backend": backend,
+        "speed_corrected": bool(speed_corrected),
     }
     blob = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -389,6 +409,12 @@ def _cache_load(path: Path, key: str) -> TimingResult | None:
         return None  # missing or damaged: time again
     if result.key != key or result.status != "ok":
         return None
+    if result.speed_corrected:
+        # corrected against a reference since re-measured (or deleted): another scale, time again
+        ref = stored_reference(fingerprint_id=result.fingerprint_id, cache_dir=path.parent.parent,
+                               threads=result.threads)
+        if ref is None or ref.probe_s != result.reference_probe_s:
+            return None
     result.from_cache = True
     return result
 
@@ -633,7 +659,8 @@ def _peak_memory(job: _Job, dev: torch.device) -> tuple[int | None, str]:
 
 
 def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int, min_repeats: int,
-             warmup_max: int, flush_l2: bool) -> dict:
+             warmup_max: int, flush_l2: bool, probe=None, reference=None) -> dict:
+    """Warm up, time the repeats, summarise; with a `probe`, correct each repeat for machine speed."""
     cuda = dev.type == "cuda"
     flush = None
     if cuda and flush_l2:
@@ -677,12 +704,24 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
 
     dyn1 = _dynamo_counts()
     times: list[float] = []
+    speeds: list[float] = []  # machine speed (reference / probe) at each repeat, with a probe
     backends: list[str] = []
     t_start = time.perf_counter()
+    if probe is not None:
+        last_probe, last_probe_at, pending = probe(), time.perf_counter(), 0
     while len(times) < max_repeats:
         times.append(one())
         backends.append(job.observe())
-        if len(times) >= min_repeats and time.perf_counter() - t_start >= budget_s:
+        done = len(times) >= max_repeats or (
+            len(times) >= min_repeats and time.perf_counter() - t_start >= budget_s)
+        if probe is not None:
+            pending += 1
+            if done or time.perf_counter() - last_probe_at >= PROBE_INTERVAL_S:
+                # the repeats since the last probe ran at the speed between the two probes
+                now = probe()
+                speeds += [reference / ((last_probe + now) / 2)] * pending
+                last_probe, last_probe_at, pending = now, time.perf_counter(), 0
+        if done:
             break
     dyn2 = _dynamo_counts()
     del flush
@@ -704,13 +743,14 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
     if dyn2 is not None and dyn2[1] > (dyn0[1] if dyn0 else 0):
         flags.append("recompile-limit-hit")
 
-    median = statistics.median(times)
-    if len(times) >= 2:
-        q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-        iqr = q3 - q1
-    else:
-        iqr = 0.0
-    if any(t > UNSTABLE_FACTOR * median for t in times):
+    raw_median, raw_iqr = _median_iqr(times)
+    summary = times
+    if speeds:
+        summary = corrected_times(times, speeds)
+        if statistics.median(speeds) < 1 / BUSY_CORRECTION:
+            flags.append("machine-busy")
+    median, iqr = _median_iqr(summary)
+    if any(t > UNSTABLE_FACTOR * median for t in summary):
         flags.append("unstable")
 
     peak, mem_kind = _peak_memory(job, dev)
@@ -718,6 +758,10 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
         "times_s": times,
         "median_s": median,
         "iqr_s": iqr,
+        "raw_median_s": raw_median,
+        "raw_iqr_s": raw_iqr,
+        "speeds": speeds,
+        "machine_speed": statistics.median(speeds) if speeds else None,
         "n_repeats": len(times),
         "n_warmup": len(warm),
         "first_call_s": warm[0],
@@ -726,6 +770,14 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
         "peak_mem_bytes": peak,
         "mem_kind": mem_kind,
     }
+
+
+def _median_iqr(values: list[float]) -> tuple[float, float]:
+    median = statistics.median(values)
+    if len(values) < 2:
+        return median, 0.0
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return median, q3 - q1
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -752,7 +804,7 @@ def _threads(n: int | None):
 
 # ----- public API --------------------------------------------------------------------------
 def _prepare(spec, *, batch=1, seq_len, mode="prefill", dtype="float32", device="cpu", what="layer",
-             n_layers=None, d_ff=None, backend="auto", threads=None, **_ignored):
+             n_layers=None, d_ff=None, backend="auto", threads=None, speed_correction=None, **_ignored):
     """Check a request and return (its record with nothing measured, device, torch dtype)."""
     from .attention import BACKENDS
 
@@ -775,6 +827,12 @@ def _prepare(spec, *, batch=1, seq_len, mode="prefill", dtype="float32", device=
         raise TimingError(f"backend={backend!r} is not known: choose one of {', '.join(BACKENDS)}")
     dtype_name, torch_dtype = parse_dtype(dtype)
     dev = resolve_device(device)
+    if speed_correction is not None and not isinstance(speed_correction, bool):
+        raise TimingError(f"speed_correction={speed_correction!r} is not allowed: choose True, False or None (auto)")
+    if speed_correction and dev.type != "cpu":
+        raise TimingError(f"speed_correction=True is not allowed on device={str(dev)!r}: the machine-speed "
+                          "probe corrects CPU timings only (CUDA timings use events)")
+    corrected = dev.type == "cpu" if speed_correction is None else speed_correction
     used_threads = threads if threads is not None else torch.get_num_threads()
     fp = fingerprint(dev, dtype_name, used_threads)
     bytes_each = torch.empty((), dtype=torch_dtype).element_size()
@@ -792,6 +850,7 @@ def _prepare(spec, *, batch=1, seq_len, mode="prefill", dtype="float32", device=
         d_ff=d_ff,
         requested_backend=backend,
         threads=used_threads,
+        speed_corrected=corrected,
         kv_cache_bytes=spec.kv_cache_bytes(seq_len, bytes_each, batch) * n_layers,
         fingerprint=fp,
         fingerprint_id=fingerprint_id(fp),
@@ -822,6 +881,7 @@ def time_spec(
     use_cache: bool = True,
     force: bool = False,
     seed: int = 0,
+    speed_correction: bool | None = None,
 ) -> TimingResult:
     """Time one spec at (batch, seq_len) for `mode` on `device`; see the module docstring.
 
@@ -833,10 +893,12 @@ def time_spec(
     ignored (recorded as 1) for a layer or a block. threads: CPU threads for the timing
     (default: the current setting); restored afterwards. cache_dir / use_cache / force: see
     the module docstring; force re-times and overwrites the cached record.
+    speed_correction: scale each CPU repeat by the machine's speed at that moment (see
+    `sqa_search.speed_probe`); None = on for CPU, off for CUDA. The raw figures stay in the record.
     """
     result, dev, torch_dtype = _prepare(
         spec, batch=batch, seq_len=seq_len, mode=mode, dtype=dtype, device=device, what=what,
-        n_layers=n_layers, d_ff=d_ff, backend=backend, threads=threads,
+        n_layers=n_layers, d_ff=d_ff, backend=backend, threads=threads, speed_correction=speed_correction,
     )
     for name, value, low in (("max_repeats", max_repeats, 1), ("min_repeats", min_repeats, 1),
                              ("warmup_max", warmup_max, WARMUP_MIN)):
@@ -866,6 +928,11 @@ def time_spec(
         result.threads = actual
         torch.manual_seed(seed)
         try:
+            probe = reference = None
+            if result.speed_corrected:
+                probe = SpeedProbe()
+                reference = machine_reference(probe, fingerprint_id=fp_id, cache_dir=cache_root).probe_s
+                result.reference_probe_s = reference
             job = _build_job(
                 spec, what=what, mode=mode, batch=batch, seq_len=seq_len, n_layers=result.n_layers,
                 d_ff=d_ff, backend=backend, device=dev, dtype=torch_dtype, seed=seed,
@@ -874,6 +941,7 @@ def time_spec(
             measured = _measure(
                 job, dev, budget_s=float(budget_s), max_repeats=max_repeats,
                 min_repeats=min_repeats, warmup_max=warmup_max, flush_l2=flush_l2,
+                probe=probe, reference=reference,
             )
             for name, value in measured.items():
                 setattr(result, name, value)
@@ -949,6 +1017,48 @@ def _cached_only(spec: AttentionSpec, **kwargs) -> TimingResult | None:
     return _cache_load(path, base.key)
 
 
+def merge_passes(records: list[TimingResult]) -> TimingResult:
+    """One record for a point timed in several passes: the repeats of all passes pooled.
+
+    A failed pass makes the point failed (its record is returned). Flags are the union, except
+    the two that describe the pooled repeats (``unstable``, ``machine-busy``), which are judged
+    again on them.
+    """
+    failed = next((r for r in records if not r.ok), None)
+    if failed is not None:
+        return failed
+    first = records[0]
+    merged = TimingResult.from_dict(first.to_dict())
+    merged.times_s = [t for r in records for t in r.times_s]
+    merged.speeds = [v for r in records for v in r.speeds] if first.speed_corrected else []
+    merged.n_repeats = len(merged.times_s)
+    merged.n_warmup = sum(r.n_warmup for r in records)
+    merged.raw_median_s, merged.raw_iqr_s = _median_iqr(merged.times_s)
+    summary = corrected_times(merged.times_s, merged.speeds) if merged.speeds else merged.times_s
+    merged.median_s, merged.iqr_s = _median_iqr(summary)
+    merged.machine_speed = statistics.median(merged.speeds) if merged.speeds else None
+    backends = []
+    for r in records:
+        for part in (r.backend or "").split(","):
+            if part and part not in backends:
+                backends.append(part)
+    merged.backend = ",".join(backends)
+    flags = [f for r in records for f in r.flags if f not in ("unstable", "machine-busy")]
+    if len(backends) > 1:
+        flags.append("backend-changed")
+    if merged.speeds and merged.machine_speed < 1 / BUSY_CORRECTION:
+        flags.append("machine-busy")
+    if any(t > UNSTABLE_FACTOR * merged.median_s for t in summary):
+        flags.append("unstable")
+    merged.flags = list(dict.fromkeys(flags))
+    peaks = [r.peak_mem_bytes for r in records if r.peak_mem_bytes is not None]
+    merged.peak_mem_bytes = max(peaks) if peaks else None
+    merged.timestamp = records[-1].timestamp
+    merged.passes = len(records)
+    merged.from_cache = False
+    return merged
+
+
 def time_specs(
     specs,
     *,
@@ -958,6 +1068,7 @@ def time_specs(
     fresh_process: bool = False,
     timeout_s: float | None = None,
     desc: str = "timing",
+    passes: int = 1,
     **kwargs,
 ) -> list[TimingResult]:
     """Time every (mode, seq_len, spec) of the grid; a tqdm bar shows progress.
@@ -965,7 +1076,13 @@ def time_specs(
     Order: by mode, then by N, then by spec, so the short runs come first. Every point gives
     a record (failures included); `fresh_process` times each point in its own process (with
     `timeout_s` per point). The other keywords are those of `time_spec`.
+
+    passes > 1 goes over the whole grid that many times, each time with 1/passes of the
+    budget and of the repeat counts, and pools each point's repeats (`merge_passes`): a point's
+    repeats then span the whole sweep instead of one stretch of it, so a spell in which the
+    machine ran differently weighs on every point a little instead of on a few a lot.
     """
+    passes = _check_int("passes", passes, 1)
     if isinstance(specs, (AttentionSpec, dict)):
         specs = [specs]
     specs = [_as_spec(s) for s in specs]
@@ -977,22 +1094,55 @@ def time_specs(
             return time_spec_subprocess(spec, timeout_s=timeout_s, **kw)
     else:
         fn = time_spec
-    results = []
+
+    each = dict(kwargs)  # what every call gets
+    cached: dict[int, TimingResult] = {}
+    if passes > 1:
+        # each pass times with a share of the budget and no cache; the pooled record is cached
+        use_cache, force = each.pop("use_cache", True), each.pop("force", False)
+        each["use_cache"] = False
+        each["budget_s"] = kwargs.get("budget_s", 1.0) / passes
+        each["min_repeats"] = -(-kwargs.get("min_repeats", MIN_REPEATS) // passes)
+        each["max_repeats"] = -(-kwargs.get("max_repeats", 50) // passes)
+        if use_cache and not force:
+            for i, (mode, n, spec) in enumerate(grid):
+                hit = _cached_only(spec, seq_len=n, mode=mode, **kwargs)
+                if hit is not None:
+                    cached[i] = hit
+    todo = [i for i in range(len(grid)) if i not in cached]
+
+    pooled: dict[int, list[TimingResult]] = {i: [] for i in todo}
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(grid), desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
+        bar = tqdm(total=len(todo) * passes, desc=desc, unit="run", file=sys.stderr, dynamic_ncols=True)
     try:
-        for mode, n, spec in grid:
-            if bar is not None:
-                bar.set_postfix_str(f"{spec.label} {mode} N={n}")
-            results.append(fn(spec, seq_len=n, mode=mode, **kwargs))
-            if bar is not None:
-                bar.update(1)
+        for p in range(passes):
+            for i in todo:
+                mode, n, spec = grid[i]
+                if bar is not None:
+                    where = f"pass {p + 1}/{passes} " if passes > 1 else ""
+                    bar.set_postfix_str(f"{where}{spec.label} {mode} N={n}")
+                pooled[i].append(fn(spec, seq_len=n, mode=mode, **each))
+                if bar is not None:
+                    bar.update(1)
     finally:
         if bar is not None:
             bar.close()
+
+    results = []
+    for i in range(len(grid)):
+        if i in cached:
+            results.append(cached[i])
+        elif passes == 1:
+            results.append(pooled[i][0])
+        else:
+            merged = merge_passes(pooled[i])
+            if use_cache and merged.ok:
+                path = _cache_path(default_cache_dir(kwargs.get("cache_dir")), merged.fingerprint_id, merged.key)
+                _cache_store(path, merged)
+            results.append(merged)
     return results
 
 

@@ -36,6 +36,7 @@ def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     assert "MEASURED on cpu" in text and "PREDICTED" not in text
     assert "forward (prefill)" in text and "forward+backward (train)" in text
     assert "vs the same heads with full attention" in text  # swsqa against sqa
+    assert "corrected to this machine's reference speed" in text  # the CPU speed correction is said
 
     rows = read_csv(only("*.csv", out))
     assert len(rows) == 2 * 2 * 4  # modes x N x variants
@@ -44,6 +45,7 @@ def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     assert {r["mode"] for r in rows} == {"prefill", "train"}
     for r in rows:
         assert float(r["seconds"]) > 0 and r["backend"] and r["fingerprint_id"]
+        assert r["speed_corrected"] == "True" and float(r["raw_seconds"]) > 0 and float(r["machine_speed"]) > 0
         if r["variant"] == "mha":
             assert float(r["speedup_vs_mha"]) == 1.0
         if r["variant"] == "gqa":
@@ -73,6 +75,13 @@ def test_cli_wires_the_bench(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "MEASURED" in text and "SQA 4q/2kv" in text
+
+    rc = cli.main(["bench"] + TINY + ["--seq-lens", "32", "--variants", "mha", "--no-cache", "--no-speed-correction",
+                                      "--out", str(tmp_path)])
+    assert rc == 0
+    assert "corrected to this machine" not in capsys.readouterr().out
+    (row,) = read_csv(only("*.csv", tmp_path))
+    assert row["speed_corrected"] == "False" and row["seconds"] == row["raw_seconds"]
 
 
 @pytest.mark.skipif(not HAVE_COST, reason="sqa_search.cost is not there yet")

@@ -417,11 +417,18 @@ def test_real_timings_order_like_predictions(cpu_timings):
     assert pred["xsqa"] < pred["sqa"] < pred["gqa"]
 
 
+def test_calibrate_speed_correction_is_for_cpu_only():
+    with pytest.raises(CostError, match="speed_correction"):
+        cost.calibrate_from_measurements("cpu-generic", device="cuda", clock="wall", speed_correction=True)
+
+
 def test_calibrate_from_measurements_smoke(monkeypatch):
     configs = [{"variant": v, "d_model": 64, "n_heads": 4, "seq_len": 256, "batch": 1} for v in ("mha", "sqa", "xsqa")]
     calibrated, report, records = cost.calibrate_from_measurements(
         "cpu-generic", configs=configs, modes=("prefill", "decode"), repeats=1, passes=1, save=True)
     assert len(records) == 6 and all(r["status"] == "ok" and r["median_s"] > 0 for r in records)
     assert records[0]["fingerprint"]["clock"] == "thread-cpu-time"
+    # on the scale bench measures: corrected to the machine's stored reference speed
+    assert records[0]["fingerprint"]["speed_corrected"] and records[0]["fingerprint"]["reference_probe_s"] > 0
     assert load_profile("cpu-generic").calibration is not None  # saved where load_profile looks first
     assert report.modes == ["decode", "prefill"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -37,6 +38,11 @@ def cache(tmp_path):
     return tmp_path / "timings"
 
 
+def cached_timings(cache):
+    """Timing records in a cache dir (the machine-speed reference stored beside them is not one)."""
+    return [p for p in cache.rglob("*.json") if not p.name.startswith("machine-reference")]
+
+
 def test_record_has_every_field_and_round_trips_json(cache):
     s = spec("sqa")
     r = time_spec(s, seq_len=128, mode="prefill", cache_dir=cache, **FAST)
@@ -45,7 +51,12 @@ def test_record_has_every_field_and_round_trips_json(cache):
     assert (r.mode, r.what, r.batch, r.seq_len, r.dtype, r.device) == ("prefill", "layer", 1, 128, "float32", "cpu")
     assert r.median_s > 0 and r.iqr_s >= 0
     assert 3 <= r.n_repeats <= 5 and len(r.times_s) == r.n_repeats
-    assert min(r.times_s) <= r.median_s <= max(r.times_s)
+    # on CPU each raw repeat is scaled by the machine's speed at that moment (speed_probe.py)
+    assert r.speed_corrected and r.reference_probe_s > 0
+    assert len(r.speeds) == r.n_repeats and all(v > 0 for v in r.speeds)
+    assert min(r.times_s) <= r.raw_median_s <= max(r.times_s)
+    assert r.median_s == pytest.approx(statistics.median(t * v for t, v in zip(r.times_s, r.speeds)))
+    assert r.machine_speed == pytest.approx(statistics.median(r.speeds))
     assert r.n_warmup >= 2 and r.first_call_s > 0
     assert r.backend.startswith("sdpa/")  # the kernel that ran is named
     assert isinstance(r.flags, list)
@@ -122,7 +133,7 @@ def test_decode_of_a_bidirectional_spec_is_an_error_record(cache):
     assert r.status == "error"
     assert "causal" in r.error and "decode" in r.error
     assert r.median_s is None
-    assert not cache.exists()  # errors are not cached
+    assert cached_timings(cache) == []  # errors are not cached
 
 
 def test_cache_returns_the_stored_record_and_force_retimes(cache):
@@ -150,9 +161,34 @@ def test_cache_returns_the_stored_record_and_force_retimes(cache):
     assert not time_spec(s, seq_len=96, cache_dir=cache, **FAST).from_cache
 
 
-def test_no_cache_writes_nothing(cache):
+def test_no_cache_writes_no_timing_only_the_machine_reference(cache):
     r = time_spec(spec("mqa"), seq_len=64, cache_dir=cache, use_cache=False, **FAST)
-    assert r.status == "ok" and not cache.exists()
+    assert r.status == "ok"
+    assert cached_timings(cache) == []
+    assert [p.name for p in cache.rglob("*.json")] == ["machine-reference-t1.json"]  # the shared yardstick
+
+
+def test_uncorrected_timing_keeps_raw_figures_under_another_key(cache):
+    s = spec("sqa")
+    raw = time_spec(s, seq_len=96, cache_dir=cache, speed_correction=False, **FAST)
+    assert not raw.speed_corrected and raw.speeds == [] and raw.machine_speed is None
+    assert raw.median_s == raw.raw_median_s == statistics.median(raw.times_s)
+    corrected = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    assert corrected.speed_corrected and not corrected.from_cache and corrected.key != raw.key
+    with pytest.raises(TimingError, match="speed_correction='yes'"):
+        time_spec(s, seq_len=96, speed_correction="yes")
+
+
+def test_cached_corrected_timing_is_retimed_when_the_reference_changes(cache):
+    s = spec("xsqa")
+    first = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    assert time_spec(s, seq_len=96, cache_dir=cache, **FAST).from_cache
+    ref_path = cache / first.fingerprint_id / "machine-reference-t1.json"
+    data = json.loads(ref_path.read_text())
+    data["probe_s"] *= 1.5  # as if re-measured: the stored figure is on another scale now
+    ref_path.write_text(json.dumps(data))
+    again = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    assert not again.from_cache and again.reference_probe_s == pytest.approx(data["probe_s"])
 
 
 def test_cache_dir_default_and_env(monkeypatch, tmp_path):
@@ -178,7 +214,7 @@ def test_failure_inside_the_timed_call_is_an_error_record(cache):
     r = time_spec(spec("swsqa", window=32), seq_len=128, mode="train", backend="flex", cache_dir=cache, **FAST)
     assert r.status == "error"
     assert "NotImplementedError" in r.error and "backward" in r.error
-    assert not cache.exists()
+    assert cached_timings(cache) == []
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -245,3 +281,28 @@ def test_cuda_timing_uses_events_and_the_allocator():
     d = time_spec(spec("swsqa", window=64), seq_len=512, mode="decode", dtype="bfloat16", device="cuda",
                   use_cache=False, budget_s=0.2)
     assert d.status == "ok" and d.kv_cache_tokens == 64
+
+
+def test_passes_pool_each_points_repeats_and_cache_the_pooled_record(cache):
+    kw = dict(threads=1, budget_s=0.02, max_repeats=6, min_repeats=4, cache_dir=cache)
+    out = time_specs([spec("mha"), spec("xsqa")], seq_lens=[64], passes=2, progress=False, **kw)
+    for r in out:
+        assert r.ok and r.passes == 2 and not r.from_cache
+        assert r.n_repeats == len(r.times_s) == len(r.speeds) >= 4  # 2 per pass at least
+        assert r.n_warmup >= 4  # each pass warmed up its own layer
+        assert r.median_s == pytest.approx(statistics.median(t * v for t, v in zip(r.times_s, r.speeds)))
+    again = time_specs([spec("mha"), spec("xsqa")], seq_lens=[64], passes=2, progress=False, **kw)
+    assert all(r.from_cache for r in again)
+    assert [r.times_s for r in again] == [r.times_s for r in out]
+    with pytest.raises(TimingError, match="passes=0"):
+        time_specs([spec("mha")], seq_lens=[64], passes=0, **kw)
+
+
+def test_a_failed_pass_fails_the_point():
+    from sqa_search.timing import merge_passes
+
+    ok = time_spec(spec("sqa"), seq_len=64, use_cache=False, **FAST)
+    failed = time_spec(spec("sqa", causal=False), seq_len=64, mode="decode", use_cache=False, **FAST)
+    assert merge_passes([ok, failed]) is failed
+    single = merge_passes([ok])
+    assert single.median_s == ok.median_s and single.times_s == ok.times_s and single.passes == 1
