@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="write CSV, JSON-lines records and a PNG plot to DIR")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for timing (default: torch's current)")
-    parser.add_argument("--budget-s", type=float, default=2.0,
-                        help="timing budget per point in seconds (default 2: a busy CPU needs several repeats)")
+    parser.add_argument("--budget-s", type=float, default=3.0,
+                        help="timing budget per point in seconds, shared by the passes (default 3: a busy CPU "
+                             "needs several repeats)")
     parser.add_argument("--passes", type=int, default=None,
                         help="go over the whole grid this many times, each with a share of the budget, and "
                              "pool each point's repeats (default 3 on CPU, 1 on CUDA)")

@@ -11,7 +11,7 @@ the run.
 
 What it does. A small fixed kernel, the probe (a causal SDPA of 1 head x 2048 tokens x 64
 dims in float32: the same kind of work attention does, about 10 ms on one core), is timed
-between the repeats of a timing, at most `PROBE_INTERVAL_S` apart. Each repeat is scaled by
+between the repeats of a timing (after each repeat, or every `PROBE_INTERVAL_S` of short ones). Each repeat is scaled by
 the machine's speed at that moment, ``reference / probe_now`` (the mean of the probes either
 side of it), where ``reference`` is this machine's probe time stored once per fingerprint and
 thread count. The corrected figure is "seconds at this machine's reference speed"; the raw
@@ -49,7 +49,8 @@ import torch.nn.functional as F
 __all__ = ["SpeedProbe", "MachineReference", "machine_reference", "stored_reference", "corrected_times"]
 
 PROBE_SHAPE = (1, 1, 2048, 64)  # (batch, heads, tokens, head dim): ~10 ms on one EPYC core
-PROBE_INTERVAL_S = 0.25  # probe at least this often between repeats (phases last seconds)
+PROBE_INTERVAL_S = 0.02  # probe after a repeat once this much time passed since the last probe: after
+# every repeat of a long step, every ~20 ms of short ones (at most about half the budget goes to probing)
 REFERENCE_S = 3.0  # seconds of probing when the machine's reference is first measured
 BUSY_CORRECTION = 1.5  # a median correction above this flags the timing "machine-busy"
 PROBE_VERSION = 2  # bump when the probe's work changes: stored references are then stale

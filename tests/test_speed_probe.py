@@ -109,11 +109,14 @@ def test_each_repeat_gets_the_mean_speed_of_the_probes_around_it(monkeypatch):
     assert "machine-busy" in out["flags"]  # corrected by 2x: above the 1.5x line
 
 
-def test_repeats_between_two_probes_share_their_speed():
+def test_repeats_between_two_probes_share_their_speed(monkeypatch):
+    import sqa_search.timing as timing
+
+    monkeypatch.setattr(timing, "PROBE_INTERVAL_S", 60.0)  # no probe between repeats
     spec = AttentionSpec.variant("sqa", 64, 8)
     job = _build_job(spec, what="layer", mode="prefill", batch=1, seq_len=64, n_layers=1, d_ff=None,
                      backend="auto", device=torch.device("cpu"), dtype=torch.float32, seed=0)
-    probe = ScriptedProbe([1.0, 3.0])  # one probe before, one after: the interval is never reached
+    probe = ScriptedProbe([1.0, 3.0])  # one probe before, one after
     out = _measure(job, torch.device("cpu"), budget_s=0.0, max_repeats=4, min_repeats=4, warmup_max=4,
                    flush_l2=False, probe=probe, reference=2.0)
     assert probe.calls == 2
