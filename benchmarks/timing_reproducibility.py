@@ -49,13 +49,20 @@ def main(argv=None) -> int:
     parser.add_argument("--variants", default="mha,gqa,sqa,xsqa")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", required=True, help="directory for each run's bench output and the summary")
+    parser.add_argument("--reuse", action="store_true", help="summarise the runs already in --out, run nothing")
     args = parser.parse_args(argv)
     if args.runs < 2:
         parser.error(f"--runs: {args.runs} is not allowed: need at least 2 runs to compare")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = [list(csv.DictReader(open(_run_bench(i + 1, out, args, extra)))) for i in range(args.runs)]
+    def run_csv(i: int) -> Path:
+        if args.reuse:
+            (found,) = (out / f"run{i}").glob("bench-*.csv")
+            return found
+        return _run_bench(i, out, args, extra)
+
+    runs = [list(csv.DictReader(open(run_csv(i + 1)))) for i in range(args.runs)]
     rows, orders = [], {}
     for j, point in enumerate(runs[0]):
         seconds = [float(run[j]["seconds"]) for run in runs]
@@ -68,11 +75,11 @@ def main(argv=None) -> int:
         orders[n] = [tuple(p["label"] for _, p in sorted(at_n, key=lambda jp: -float(run[jp[0]]["seconds"])))
                      for run in runs]
 
-    header = f"{'N':>6}  {'variant':13s}  " + "  ".join(f"run{i + 1:<3d}" for i in range(args.runs))
-    print(f"{header}  spread | raw: " + "  ".join(f"run{i + 1:<3d}" for i in range(args.runs)) + "  spread")
+    runs_head = "  ".join(f"{f'run{i + 1}':>8s}" for i in range(args.runs))
+    print(f"{'N':>6}  {'variant':13s}  {runs_head}  spread | raw: {runs_head}  spread   (milliseconds per step)")
     for r in rows:
-        runs_s = "  ".join(f"{r[f'run{i + 1}_s']:.4f}" for i in range(args.runs))
-        raw_s = "  ".join(f"{r[f'run{i + 1}_raw_s']:.4f}" for i in range(args.runs))
+        runs_s = "  ".join(f"{r[f'run{i + 1}_s'] * 1e3:8.4g}" for i in range(args.runs))
+        raw_s = "  ".join(f"{r[f'run{i + 1}_raw_s'] * 1e3:8.4g}" for i in range(args.runs))
         print(f"{r['seq_len']:>6}  {r['label']:13s}  {runs_s}  {r['spread']:6.1%} | raw: {raw_s}  {r['raw_spread']:6.1%}")
     worst = max(rows, key=lambda r: r["spread"])
     print(f"largest spread of the reported medians: {worst['spread']:.1%} ({worst['label']}, N={worst['seq_len']}); "

@@ -22,6 +22,7 @@ import csv
 import json
 import math
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--passes", type=int, default=None,
                         help="go over the whole grid this many times, each with a share of the budget, and "
                              "pool each point's repeats (default 3 on CPU, 1 on CUDA)")
-    parser.add_argument("--max-repeats", type=int, default=50, help="most timed repeats per point (default 50)")
+    parser.add_argument("--max-repeats", type=int, default=1000,
+                        help="most timed repeats per point (default 1000: the budget decides, even for decode steps)")
     parser.add_argument("--force", action="store_true", help="re-time points that are in the timing cache")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
                         help="neither read nor write the timing cache")
@@ -343,10 +345,15 @@ def _speed_note(results) -> str | None:
     if not corrected:
         return None
     speeds = [s for r in corrected for s in r.speeds] or [r.machine_speed for r in corrected]
-    ref = corrected[0].reference_probe_s
-    return (f"corrected to this machine's reference speed (probe {ref * 1e3:.2f} ms; see sqa_search.speed_probe): "
-            f"the machine ran at {min(speeds):.2f}-{max(speeds):.2f}x of it during these timings; "
-            f"raw medians are in the CSV (raw_seconds); --no-speed-correction reports them instead")
+    refs = sorted({r.reference_probe_s for r in corrected})
+    note = (f"corrected to this machine's reference speed (probe {', '.join(f'{x * 1e3:.3g} ms' for x in refs)}; "
+            f"see sqa_search.speed_probe): the machine ran at {min(speeds):.2f}-{max(speeds):.2f}x of it during "
+            f"these timings; raw medians are in the CSV (raw_seconds); --no-speed-correction reports them instead")
+    if statistics.median(speeds) > 1.1:
+        note += ("\nnote: the machine mostly ran faster than its reference, which was measured in a slow spell: "
+                 "the figures are consistent between runs but high; delete machine-reference-*.json in the "
+                 "timing cache to measure it again (cached timings are then re-timed)")
+    return note
 
 
 def _matrix(results, plan, mode) -> str:

@@ -1242,15 +1242,17 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
         timer = time.thread_time if clock == "thread" else time.perf_counter
         fp = _machine_fingerprint(str(device), torch.get_num_threads())
         fp["clock"] = "thread-cpu-time" if clock == "thread" else "wall"
-        probe = reference = None
+        probes: dict = {}  # mode -> (probe, its reference seconds): the probes timing.py uses
         if speed_correction:
-            from .speed_probe import SpeedProbe, machine_reference
+            from .speed_probe import SpeedProbe, machine_reference, probe_kind
             from .timing import default_cache_dir, fingerprint, fingerprint_id
 
-            probe = SpeedProbe(clock=timer)
-            reference = machine_reference(probe, cache_dir=default_cache_dir(), fingerprint_id=fingerprint_id(
-                fingerprint(device, dtype, torch.get_num_threads()))).probe_s
-            fp["speed_corrected"], fp["reference_probe_s"] = True, reference
+            fp_id = fingerprint_id(fingerprint(device, dtype, torch.get_num_threads()))
+            for mode in modes:
+                probe = SpeedProbe(probe_kind(mode), clock=timer)
+                probes[mode] = probe, machine_reference(probe, cache_dir=default_cache_dir(), fingerprint_id=fp_id).probe_s
+            fp["speed_corrected"] = True
+            fp["reference_probe_s"] = {mode: ref for mode, (_, ref) in probes.items()}
         jobs = []
         for cfg in configs:
             overrides = {"window": cfg["window"]} if cfg.get("window") else {}
@@ -1262,6 +1264,7 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
                 jobs.append({"spec": spec, "mode": mode, "cfg": cfg, "step": step, "layer": layer, "best": math.inf})
         for _ in range(max(1, passes)):
             for job in jobs:
+                probe, reference = probes.get(job["mode"], (None, None))
                 before = probe() if probe else None
                 best = _time_min(job["step"], repeats, timer)
                 if probe:

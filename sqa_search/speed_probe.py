@@ -9,20 +9,22 @@ same attention layer in three separate 2 s runs moved by 23-71 %. No statistic o
 seconds of samples (median, minimum, low percentile) survives a phase that lasts longer than
 the run.
 
-What it does. A small fixed kernel, the probe (a causal SDPA of 1 head x 2048 tokens x 64
-dims in float32: the same kind of work attention does, about 10 ms on one core), is timed
-between the repeats of a timing (after each repeat, or every `PROBE_INTERVAL_S` of short ones). Each repeat is scaled by
-the machine's speed at that moment, ``reference / probe_now`` (the mean of the probes either
-side of it), where ``reference`` is this machine's probe time stored once per fingerprint and
-thread count. The corrected figure is "seconds at this machine's reference speed"; the raw
-times, the per-repeat speeds and the reference stay in the record, so nothing is hidden.
-With the correction, the same three runs agreed within 1-8 % (see the closing note of
-issue 3 and ``benchmarks/``).
+What it does. A small fixed kernel, the probe, is timed between the repeats of a timing
+(after each repeat, or every `PROBE_INTERVAL_S` of short ones). Each repeat is scaled by the
+machine's speed at that moment, ``reference / probe_now`` (the mean of the probes either side
+of it), where ``reference`` is this machine's probe time stored once per fingerprint, thread
+count and probe kind. The corrected figure is "seconds at this machine's reference speed"; the
+raw times, the per-repeat speeds and the reference stay in the record, so nothing is hidden.
+Two probes, because a slow spell does not slow all work alike: prefill and training steps get
+the "compute" probe (a causal SDPA of 1 head x 2048 tokens x 64 dims, ~10 ms on one core);
+decode steps, whose time is mostly per-op overhead, get the "dispatch" probe (a burst of tiny
+ops, ~1 ms). Three separate bench runs here (benchmarks/2026-11-28-cpu-reproducibility):
+prefill medians within 7.7 % corrected against 30.8 % raw, decode within 12.2 % against 58.4 %.
 
-What it assumes, and where that is weaker: that a slow phase slows the timed work by the same
-factor as the probe. That held for attention layers (prefill and train) within a few per cent;
-work with another balance of compute and memory traffic (decode against a long cache, a whole
-model with big MLPs) follows the probe less closely. The record's ``machine_speed`` says how
+What it assumes, and where that is weaker: that a slow spell slows the timed work by the same
+factor as its probe. That held for attention layers within a few per cent in prefill; decode
+steps follow their probe less closely (up to 12 % between runs), and work with another balance
+(a whole model with big MLPs) was not checked. The record's ``machine_speed`` says how
 much was corrected; a correction above ``BUSY_CORRECTION`` is flagged ``machine-busy``.
 
 The reference is measured the first time it is needed (``REFERENCE_S`` of probes, the fastest
@@ -46,31 +48,52 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SpeedProbe", "MachineReference", "machine_reference", "stored_reference", "corrected_times"]
+__all__ = ["SpeedProbe", "MachineReference", "machine_reference", "stored_reference", "corrected_times",
+           "probe_kind"]
 
 PROBE_SHAPE = (1, 1, 2048, 64)  # (batch, heads, tokens, head dim): ~10 ms on one EPYC core
 PROBE_INTERVAL_S = 0.02  # probe after a repeat once this much time passed since the last probe: after
 # every repeat of a long step, every ~20 ms of short ones (at most about half the budget goes to probing)
 REFERENCE_S = 3.0  # seconds of probing when the machine's reference is first measured
 BUSY_CORRECTION = 1.5  # a median correction above this flags the timing "machine-busy"
-PROBE_VERSION = 2  # bump when the probe's work changes: stored references are then stale
+DISPATCH_OPS = 160  # ops in one dispatch probe: ~1 ms on one EPYC core
+PROBE_KINDS = ("compute", "dispatch")
+PROBE_VERSION = 3  # bump when the probe's work changes: stored references are then stale
 
 _MEMO: dict[tuple, "MachineReference"] = {}
 
 
 class SpeedProbe:
-    """The fixed probe kernel; call it to get its time now (the best of two calls, seconds)."""
+    """A fixed probe; call it to get its time now (the better of two calls, seconds).
 
-    def __init__(self, seed: int = 0, clock=time.perf_counter):
+    kind "compute": a causal SDPA (`PROBE_SHAPE`), the work of prefill and training steps.
+    kind "dispatch": a burst of tiny ops (in-place adds on 16 floats, one-row matrix products),
+    the work of a decode step, whose time is mostly per-op overhead; on a shared host it slows
+    by other factors than arithmetic does (measured here: a decode step's time moved by up to
+    2x between runs while the compute probe moved by 1.3x).
+    """
+
+    def __init__(self, kind: str = "compute", seed: int = 0, clock=time.perf_counter):
+        if kind not in PROBE_KINDS:
+            raise ValueError(f"kind={kind!r} is not known: choose one of {', '.join(PROBE_KINDS)}")
+        self.kind = kind
         self.clock = clock  # the clock of the timings it corrects (the cost calibration may use thread time)
         gen = torch.Generator().manual_seed(seed)
         self.q, self.k, self.v = (torch.randn(*PROBE_SHAPE, generator=gen) for _ in range(3))
+        self.small, self.small2 = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+        self.row, self.weight = torch.randn(1, 256, generator=gen), torch.randn(256, 256, generator=gen)
         for _ in range(3):  # first calls pay for lazy initialisation
             self._run()
 
     def _run(self) -> None:
         with torch.no_grad():
-            F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=True)
+            if self.kind == "compute":
+                F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=True)
+                return
+            for _ in range(DISPATCH_OPS // 4):
+                self.small.mul_(0.5).add_(self.small2)
+                torch.mm(self.row, self.weight)
+                self.small.neg_()
 
     def __call__(self) -> float:
         best = float("inf")
@@ -81,6 +104,11 @@ class SpeedProbe:
         return best
 
 
+def probe_kind(mode: str) -> str:
+    """The probe for a workload: decode steps are per-op overhead, the rest is arithmetic."""
+    return "dispatch" if mode == "decode" else "compute"
+
+
 @dataclass(frozen=True)
 class MachineReference:
     """This machine's probe time at its fastest, the yardstick every correction divides by."""
@@ -88,6 +116,7 @@ class MachineReference:
     probe_s: float
     threads: int
     fingerprint_id: str
+    kind: str
     measured_at: float  # unix time
     n_probes: int
     path: str | None  # where it is stored; None when it could not be written
@@ -98,8 +127,8 @@ class MachineReference:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.measured_at))
 
 
-def _reference_path(cache_dir: Path, fp_id: str, threads: int) -> Path:
-    return Path(cache_dir) / fp_id / f"machine-reference-t{threads}.json"
+def _reference_path(cache_dir: Path, fp_id: str, threads: int, kind: str) -> Path:
+    return Path(cache_dir) / fp_id / f"machine-reference-{kind}-t{threads}.json"
 
 
 def _load(path: Path) -> MachineReference | None:
@@ -127,22 +156,22 @@ def _store(path: Path, ref: MachineReference) -> bool:
         return False
 
 
-def stored_reference(*, fingerprint_id: str, cache_dir, threads: int) -> MachineReference | None:
-    """The reference stored for this machine and thread count, or None; measures nothing."""
-    return _load(_reference_path(Path(cache_dir), fingerprint_id, threads))
+def stored_reference(*, fingerprint_id: str, cache_dir, threads: int, kind: str = "compute") -> MachineReference | None:
+    """The reference stored for this machine, thread count and probe kind, or None; measures nothing."""
+    return _load(_reference_path(Path(cache_dir), fingerprint_id, threads, kind))
 
 
 def machine_reference(probe: SpeedProbe, *, fingerprint_id: str, cache_dir, remeasure: bool = False,
                       seconds: float = REFERENCE_S) -> MachineReference:
-    """The stored reference for this machine and thread count, measured and stored if missing.
+    """The stored reference for this machine, thread count and `probe.kind`, measured and stored if missing.
 
     Call it with torch's thread count already set to the one being timed. One process measures
     at most once per (machine, threads); a cache directory that cannot be written still gets a
     reference, kept in memory (its ``path`` is None).
     """
     threads = torch.get_num_threads()
-    path = _reference_path(Path(cache_dir), fingerprint_id, threads)
-    memo_key = (fingerprint_id, threads)
+    path = _reference_path(Path(cache_dir), fingerprint_id, threads, probe.kind)
+    memo_key = (fingerprint_id, threads, probe.kind)
     if not remeasure:
         stored = _load(path)
         if stored is not None:
@@ -156,7 +185,7 @@ def machine_reference(probe: SpeedProbe, *, fingerprint_id: str, cache_dir, reme
     stop = time.perf_counter() + seconds
     while time.perf_counter() < stop or len(samples) < 5:
         samples.append(probe())
-    ref = MachineReference(probe_s=min(samples), threads=threads, fingerprint_id=fingerprint_id,
+    ref = MachineReference(probe_s=min(samples), threads=threads, fingerprint_id=fingerprint_id, kind=probe.kind,
                            measured_at=time.time(), n_probes=len(samples), path=str(path))
     if not _store(path, ref):
         ref = MachineReference(**{**asdict(ref), "path": None})

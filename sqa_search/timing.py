@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from .spec import AttentionSpec
 from .speed_probe import (BUSY_CORRECTION, PROBE_INTERVAL_S, SpeedProbe, corrected_times, machine_reference,
-                          stored_reference)
+                          probe_kind, stored_reference)
 
 __all__ = [
     "TimingResult",
@@ -412,7 +412,7 @@ def _cache_load(path: Path, key: str) -> TimingResult | None:
     if result.speed_corrected:
         # corrected against a reference since re-measured (or deleted): another scale, time again
         ref = stored_reference(fingerprint_id=result.fingerprint_id, cache_dir=path.parent.parent,
-                               threads=result.threads)
+                               threads=result.threads, kind=probe_kind(result.mode))
         if ref is None or ref.probe_s != result.reference_probe_s:
             return None
     result.from_cache = True
@@ -930,7 +930,7 @@ def time_spec(
         try:
             probe = reference = None
             if result.speed_corrected:
-                probe = SpeedProbe()
+                probe = SpeedProbe(probe_kind(mode))
                 reference = machine_reference(probe, fingerprint_id=fp_id, cache_dir=cache_root).probe_s
                 result.reference_probe_s = reference
             job = _build_job(

@@ -429,6 +429,8 @@ def test_calibrate_from_measurements_smoke(monkeypatch):
     assert len(records) == 6 and all(r["status"] == "ok" and r["median_s"] > 0 for r in records)
     assert records[0]["fingerprint"]["clock"] == "thread-cpu-time"
     # on the scale bench measures: corrected to the machine's stored reference speed
-    assert records[0]["fingerprint"]["speed_corrected"] and records[0]["fingerprint"]["reference_probe_s"] > 0
+    refs = records[0]["fingerprint"]["reference_probe_s"]
+    assert records[0]["fingerprint"]["speed_corrected"] and set(refs) == {"prefill", "decode"}
+    assert all(ref > 0 for ref in refs.values())
     assert load_profile("cpu-generic").calibration is not None  # saved where load_profile looks first
     assert report.modes == ["decode", "prefill"]

@@ -24,12 +24,26 @@ def test_probe_times_a_real_kernel(probe):
     assert all(0 < t < 5 for t in times)
 
 
+def test_decode_gets_the_dispatch_probe_with_its_own_reference(tmp_path, monkeypatch):
+    from sqa_search.speed_probe import probe_kind
+
+    monkeypatch.setattr(speed_probe, "_MEMO", {})
+    assert probe_kind("decode") == "dispatch" and probe_kind("prefill") == probe_kind("train") == "compute"
+    dispatch = SpeedProbe("dispatch")
+    assert 0 < dispatch() < 5
+    ref = machine_reference(dispatch, fingerprint_id="d", cache_dir=tmp_path, seconds=0.05)
+    assert ref.kind == "dispatch" and ref.path.endswith(f"machine-reference-dispatch-t{ref.threads}.json")
+    assert stored_reference(fingerprint_id="d", cache_dir=tmp_path, threads=ref.threads, kind="compute") is None
+    with pytest.raises(ValueError, match="kind='gpu'"):
+        SpeedProbe("gpu")
+
+
 def test_reference_is_measured_once_then_read_back(probe, tmp_path, monkeypatch):
     monkeypatch.setattr(speed_probe, "_MEMO", {})
     ref = machine_reference(probe, fingerprint_id="abc", cache_dir=tmp_path, seconds=0.05)
     assert ref.probe_s > 0 and ref.n_probes >= 5 and ref.threads == torch.get_num_threads()
-    assert ref.path == str(tmp_path / "abc" / f"machine-reference-t{ref.threads}.json")
-    stored = json.loads((tmp_path / "abc" / f"machine-reference-t{ref.threads}.json").read_text())
+    assert ref.path == str(tmp_path / "abc" / f"machine-reference-compute-t{ref.threads}.json")
+    stored = json.loads((tmp_path / "abc" / f"machine-reference-compute-t{ref.threads}.json").read_text())
     assert stored["probe_s"] == ref.probe_s
 
     monkeypatch.setattr(speed_probe, "_MEMO", {})  # a later process: reads the file, measures nothing
@@ -47,14 +61,14 @@ def test_one_process_shares_its_reference_between_cache_dirs(probe, tmp_path, mo
     a = machine_reference(probe, fingerprint_id="m", cache_dir=tmp_path / "a", seconds=0.05)
     b = machine_reference(probe, fingerprint_id="m", cache_dir=tmp_path / "b", seconds=0.05)
     assert b.probe_s == a.probe_s and b.measured_at == a.measured_at
-    assert (tmp_path / "b" / "m" / f"machine-reference-t{a.threads}.json").is_file()
+    assert (tmp_path / "b" / "m" / f"machine-reference-compute-t{a.threads}.json").is_file()
 
 
 def test_a_stale_or_damaged_reference_is_measured_again(probe, tmp_path, monkeypatch):
     monkeypatch.setattr(speed_probe, "_MEMO", {})
-    path = tmp_path / "x" / f"machine-reference-t{torch.get_num_threads()}.json"
+    path = tmp_path / "x" / f"machine-reference-compute-t{torch.get_num_threads()}.json"
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"probe_s": 1.0, "threads": 1, "fingerprint_id": "x", "measured_at": 0.0,
+    path.write_text(json.dumps({"probe_s": 1.0, "threads": 1, "fingerprint_id": "x", "kind": "compute", "measured_at": 0.0,
                                 "n_probes": 9, "probe_version": speed_probe.PROBE_VERSION - 1}))
     assert stored_reference(fingerprint_id="x", cache_dir=tmp_path, threads=torch.get_num_threads()) is None
     ref = machine_reference(probe, fingerprint_id="x", cache_dir=tmp_path, seconds=0.05)

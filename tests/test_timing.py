@@ -165,7 +165,10 @@ def test_no_cache_writes_no_timing_only_the_machine_reference(cache):
     r = time_spec(spec("mqa"), seq_len=64, cache_dir=cache, use_cache=False, **FAST)
     assert r.status == "ok"
     assert cached_timings(cache) == []
-    assert [p.name for p in cache.rglob("*.json")] == ["machine-reference-t1.json"]  # the shared yardstick
+    assert [p.name for p in cache.rglob("*.json")] == ["machine-reference-compute-t1.json"]  # the shared yardstick
+    time_spec(spec("mqa"), seq_len=64, mode="decode", cache_dir=cache, use_cache=False, **FAST)
+    assert sorted(p.name for p in cache.rglob("*.json")) == [
+        "machine-reference-compute-t1.json", "machine-reference-dispatch-t1.json"]  # decode has its own probe
 
 
 def test_uncorrected_timing_keeps_raw_figures_under_another_key(cache):
@@ -183,7 +186,7 @@ def test_cached_corrected_timing_is_retimed_when_the_reference_changes(cache):
     s = spec("xsqa")
     first = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
     assert time_spec(s, seq_len=96, cache_dir=cache, **FAST).from_cache
-    ref_path = cache / first.fingerprint_id / "machine-reference-t1.json"
+    ref_path = cache / first.fingerprint_id / "machine-reference-compute-t1.json"
     data = json.loads(ref_path.read_text())
     data["probe_s"] *= 1.5  # as if re-measured: the stored figure is on another scale now
     ref_path.write_text(json.dumps(data))
