@@ -309,3 +309,12 @@ def test_a_failed_pass_fails_the_point():
     assert merge_passes([ok, failed]) is failed
     single = merge_passes([ok])
     assert single.median_s == ok.median_s and single.times_s == ok.times_s and single.passes == 1
+
+
+def test_unstable_means_more_than_a_stray_outlier():
+    from sqa_search.timing import _unstable
+
+    assert _unstable([1.0, 1.0, 10.0], 1.0)  # one in three
+    assert not _unstable([1.0] * 99 + [10.0], 1.0)  # one interrupt in a hundred repeats
+    assert _unstable([1.0] * 97 + [10.0] * 3, 1.0)
+    assert not _unstable([1.0, 2.0, 4.9], 1.0)
