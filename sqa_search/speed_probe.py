@@ -23,8 +23,8 @@ prefill medians within 7.7 % corrected against 30.8 % raw, decode within 12.2 % 
 
 What it assumes, and where that is weaker: that a slow spell slows the timed work by the same
 factor as its probe. That held for attention layers within a few per cent in prefill; decode
-steps follow their probe less closely (up to 12 % between runs), and work with another balance
-(a whole model with big MLPs) was not checked. The record's ``machine_speed`` says how
+steps follow their probe less closely (up to 12 % between runs), and so does a whole block with
+its MLP (up to 10 %). The record's ``machine_speed`` says how
 much was corrected; a correction above ``BUSY_CORRECTION`` is flagged ``machine-busy``.
 
 The reference is measured the first time it is needed (``REFERENCE_S`` of probes, the fastest
