@@ -353,7 +353,7 @@ def finished_count(study: optuna.Study) -> int:
     return n
 
 
-def _optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None, worker: int = 0) -> None:
+def _optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) -> None:
     study = handle.study
     objective = Objective(handle.space, progress=False, cache_dir=cache_dir)
     bar = None
@@ -392,14 +392,14 @@ def _progress_summary(handle: StudyHandle) -> str:
     return ", ".join(parts)
 
 
-def _worker_main(space_path, space_dict, studies_dir, storage_url, target, cache_dir, worker):
+def _worker_main(space_path, space_dict, studies_dir, storage_url, target, cache_dir):
     from .space import space_from_dict
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = space_from_dict(space_dict["data"], source=space_dict["source"], name=space_dict["name"])
     study = optuna.load_study(study_name=space.name, storage=_open_storage(storage_url), sampler=_sampler(space))
     handle = StudyHandle(study, space, study_dir_for(space.name, studies_dir), storage_url)
-    _optimize(handle, target, progress=False, cache_dir=cache_dir, worker=worker)
+    _optimize(handle, target, progress=False, cache_dir=cache_dir)
 
 
 def run_study(
@@ -448,7 +448,7 @@ def run_study(
         payload = {"data": raw if raw is not None else space.to_dict(), "source": space.source, "name": space.name}
         ctx = multiprocessing.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, args=(space_path, payload, str(studies_dir), handle.storage_url,
-                                                          target, cache_dir, i)) for i in range(workers)]
+                                                          target, cache_dir)) for _ in range(workers)]
         for p in procs:
             p.start()
         for p in procs:
