@@ -20,8 +20,9 @@ How a trial travels:
   (`optuna.trial.create_trial` + `Study.add_trial`); workers never touch the storage, so nodes
   on other hosts need no access to it. A trial that raised (worker died, out of memory, a bug)
   is retried up to ``max_retries`` times and then recorded as FAIL with its ``fail_reason``.
-  Deterministic failures (an invalid combination, a timing or training that failed) are FAIL
-  at once, with their reason, and are not retried.
+  Deterministic failures (a timing or training that failed) are FAIL at once, with their
+  reason, and are not retried; an invalid combination is PRUNED and infeasible, as in the
+  Optuna backend, and the searcher is told its constraint.
 
 Resuming: the Ray experiment lives in ``studies/<name>/ray/run-NNN/`` (``experiments.json``
 lists them). Running the same command again restores an unfinished experiment (`Tuner.restore`),
@@ -447,9 +448,10 @@ class StudySearch(OptunaSearch):
         ot_trial = self._ot_trials[trial_id]
         state = (result or {}).get(STATE_KEY)
         names = _metric_names(self._sqa_space)
+        # constraints of every state: an invalid combination (PRUNED, infeasible) must steer the sampler away
+        for name, value in json.loads((result or {}).get(CONSTRAINTS_KEY) or "{}").items():
+            ot_trial.set_constraint(name, value)
         if state == "COMPLETE" and all(_is_number((result or {}).get(n)) for n in names):
-            for name, value in json.loads(result.get(CONSTRAINTS_KEY) or "{}").items():
-                ot_trial.set_constraint(name, value)
             return super().on_trial_complete(trial_id, result=result, error=False)
         if state not in ("FAIL", "PRUNED"):
             log.error("Ray trial %s finished without every objective %s (result keys %s): recorded as FAIL",

@@ -229,7 +229,8 @@ def test_ray_extends_an_optuna_study_in_the_same_form_and_records_a_dead_worker(
         assert info["experiment"] == "run-001" and info["node_ip"] and info["node_id"] and info["failures"] == 0
         assert info["fingerprint"]["device_type"] == "cpu" and len(info["fingerprint_id"]) == 12
         if t.state != TrialState.COMPLETE:
-            assert t.user_attrs["fail_reason"].startswith("invalid combination")
+            assert t.state == TrialState.PRUNED and t.constraints == {"valid_combination": 1.0}
+            assert t.user_attrs["prune_reason"].startswith("invalid combination")
             continue
         assert t.values == [t.user_attrs["quality"], t.user_attrs["latency_s"]]
         if "duplicate_of" in t.user_attrs:  # reused, as the Optuna backend reuses repeats

@@ -51,9 +51,12 @@ def test_study_runs_records_failures_reuses_duplicates_and_writes_report(tmp_pat
     # the named variants inside the space ran first, in order
     first = [t.user_attrs.get("label") for t in study.trials[:3]]
     assert first == ["MHA 4q/4kv", "SQA 2q/1kv", "xSQA 1q/1kv"]
-    # invalid combinations (kv does not divide q) are recorded with their reason
-    for t in study.get_trials(states=(TrialState.FAIL,)):
-        assert t.user_attrs["fail_reason"].startswith("invalid combination")
+    # invalid combinations (kv does not divide q) are PRUNED with their reason and infeasible,
+    # which is what keeps TPE from proposing them again
+    assert not study.get_trials(states=(TrialState.FAIL,))
+    for t in study.get_trials(states=(TrialState.PRUNED,)):
+        assert t.user_attrs["prune_reason"].startswith("invalid combination")
+        assert t.constraints == {"valid_combination": 1.0}
     # a spec is evaluated once; repeats reuse its values
     keys = _complete_keys(study)
     assert len(keys) == len(set(keys))
