@@ -157,14 +157,6 @@ def _positive_int(name: str, value, low: int = 1) -> int:
     return int(value)
 
 
-def _as_spec(spec) -> AttentionSpec:
-    if isinstance(spec, AttentionSpec):
-        return spec
-    if isinstance(spec, dict):
-        return AttentionSpec.from_dict(spec)
-    raise CostError(f"spec must be an AttentionSpec or a dict of its fields, got {type(spec).__name__}")
-
-
 def default_d_ff(d_model: int) -> int:
     """The proxy model's SwiGLU width (model.ModelConfig): 8/3 * d_model rounded up to 32."""
     return -(-(8 * d_model // 3) // 32) * 32
@@ -422,7 +414,7 @@ def _norm(b: _Builder, name, rows, d, impl):
 
 
 def _build(spec, *, batch, seq_len, mode, what, n_layers, d_ff, vocab_size, dtype, device_type, tile):
-    spec = _as_spec(spec)
+    spec = AttentionSpec.coerce(spec)
     batch = _positive_int("batch", batch)
     n = _positive_int("seq_len", seq_len)
     n_layers = _positive_int("n_layers", n_layers)
@@ -714,7 +706,7 @@ def predict(spec, profile, *, batch, seq_len, mode, dtype, what="layer", n_layer
             vocab_size=256) -> Prediction:
     """Roofline prediction of one step on `profile` (a HardwareProfile or a name for `load_profile`)."""
     profile = load_profile(profile) if not isinstance(profile, HardwareProfile) else profile
-    spec = _as_spec(spec)
+    spec = AttentionSpec.coerce(spec)
     peak_key, _ = _dtype(dtype)
     phases, path = _build(spec, batch=batch, seq_len=seq_len, mode=mode, what=what, n_layers=n_layers, d_ff=d_ff,
                           vocab_size=vocab_size, dtype=dtype, device_type=profile.device_type,
@@ -862,7 +854,7 @@ def _parse_results(results, device_type: str) -> tuple[list[_Point], list[str]]:
             skipped.append(f"#{i}: measured on {device!r}, but the profile is a {device_type} profile")
             continue
         try:
-            spec = _as_spec(_get(rec, "spec"))
+            spec = AttentionSpec.coerce(_get(rec, "spec"))
             seconds = _get(rec, "median_s", _get(rec, "seconds"))
             seconds = float(seconds)
             if not (math.isfinite(seconds) and seconds > 0):

@@ -199,6 +199,15 @@ class AttentionSpec:
             raise SpecError(f"unknown AttentionSpec field(s) {unknown}: allowed are {sorted(known)}")
         return cls(**data)
 
+    @classmethod
+    def coerce(cls, value) -> "AttentionSpec":
+        """An AttentionSpec, or the dict of its fields (a JSON record's ``spec``), as a spec."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            return cls.from_dict(value)
+        raise SpecError(f"spec must be an AttentionSpec or a dict of its fields, got {type(value).__name__}")
+
     # ----- naming ------------------------------------------------------------------------
     @property
     def variant_name(self) -> str | None:

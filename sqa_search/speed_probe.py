@@ -79,9 +79,11 @@ class SpeedProbe:
         self.kind = kind
         self.clock = clock  # the clock of the timings it corrects (the cost calibration may use thread time)
         gen = torch.Generator().manual_seed(seed)
-        self.q, self.k, self.v = (torch.randn(*PROBE_SHAPE, generator=gen) for _ in range(3))
-        self.small, self.small2 = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
-        self.row, self.weight = torch.randn(1, 256, generator=gen), torch.randn(256, 256, generator=gen)
+        if kind == "compute":
+            self.q, self.k, self.v = (torch.randn(*PROBE_SHAPE, generator=gen) for _ in range(3))
+        else:
+            self.small, self.small2 = torch.randn(16, generator=gen), torch.randn(16, generator=gen)
+            self.row, self.weight = torch.randn(1, 256, generator=gen), torch.randn(256, 256, generator=gen)
         for _ in range(3):  # first calls pay for lazy initialisation
             self._run()
 

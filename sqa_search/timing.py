@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -293,14 +294,6 @@ def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise TimingError(f"{name}={value!r} is not allowed: must be an integer >= {low}")
     return value
-
-
-def _as_spec(spec) -> AttentionSpec:
-    if isinstance(spec, AttentionSpec):
-        return spec
-    if isinstance(spec, dict):
-        return AttentionSpec.from_dict(spec)
-    raise TimingError(f"spec must be an AttentionSpec or its dict, got {type(spec).__name__}")
 
 
 # ----- fingerprint -------------------------------------------------------------------------
@@ -730,11 +723,7 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
     dyn2 = _dynamo_counts()
     del flush
 
-    seen: list[str] = []
-    for name in backends:
-        for part in name.split(","):
-            if part not in seen:
-                seen.append(part)
+    seen = _backend_parts(backends)
     if len(set(backends)) > 1:
         flags.append("backend-changed")
     if any("math" in name for name in seen):
@@ -747,25 +736,14 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
     if dyn2 is not None and dyn2[1] > (dyn0[1] if dyn0 else 0):
         flags.append("recompile-limit-hit")
 
-    raw_median, raw_iqr = _median_iqr(times)
-    summary = times
-    if speeds:
-        summary = corrected_times(times, speeds)
-        if statistics.median(speeds) < 1 / BUSY_CORRECTION:
-            flags.append("machine-busy")
-    median, iqr = _median_iqr(summary)
-    if _unstable(summary, median):
-        flags.append("unstable")
+    figures, repeat_flags = _summarise(times, speeds)
+    flags += repeat_flags
 
     peak, mem_kind = _peak_memory(job, dev)
     return {
+        **figures,
         "times_s": times,
-        "median_s": median,
-        "iqr_s": iqr,
-        "raw_median_s": raw_median,
-        "raw_iqr_s": raw_iqr,
         "speeds": speeds,
-        "machine_speed": statistics.median(speeds) if speeds else None,
         "n_repeats": len(times),
         "n_warmup": len(warm),
         "first_call_s": warm[0],
@@ -776,9 +754,40 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
     }
 
 
+REPEAT_FLAGS = ("machine-busy", "unstable")  # the flags `_summarise` decides from the repeats
+
+
+def _summarise(times: list[float], speeds: list[float]) -> tuple[dict, list[str]]:
+    """Median and IQR of the repeats (corrected by their speeds, when measured) and the raw ones,
+    the machine's median speed, and the REPEAT_FLAGS they raise."""
+    raw_median, raw_iqr = _median_iqr(times)
+    summary = corrected_times(times, speeds) if speeds else times
+    median, iqr = _median_iqr(summary)
+    machine_speed = statistics.median(speeds) if speeds else None
+    flags = []
+    if machine_speed is not None and machine_speed < 1 / BUSY_CORRECTION:
+        flags.append("machine-busy")
+    if _unstable(summary, median):
+        flags.append("unstable")
+    figures = {"median_s": median, "iqr_s": iqr, "raw_median_s": raw_median, "raw_iqr_s": raw_iqr,
+               "machine_speed": machine_speed}
+    return figures, flags
+
+
+def _backend_parts(names) -> list[str]:
+    """The distinct kernels named in backend strings ("a,b"), in first-seen order."""
+    return list(dict.fromkeys(part for name in names for part in (name or "").split(",") if part))
+
+
 def _unstable(samples: list[float], median: float) -> bool:
     outliers = sum(t > UNSTABLE_FACTOR * median for t in samples)
     return outliers > 0 and outliers > UNSTABLE_SHARE * len(samples)
+
+
+@functools.lru_cache(maxsize=None)
+def _probe(kind: str) -> SpeedProbe:
+    """One probe of each kind per process: building one (tensors, warm-up calls) is not free."""
+    return SpeedProbe(kind)
 
 
 def _median_iqr(values: list[float]) -> tuple[float, float]:
@@ -817,7 +826,7 @@ def _prepare(spec, *, batch=1, seq_len, mode="prefill", dtype="float32", device=
     """Check a request and return (its record with nothing measured, device, torch dtype)."""
     from .attention import BACKENDS
 
-    spec = _as_spec(spec)
+    spec = AttentionSpec.coerce(spec)
     if mode not in MODES:
         raise TimingError(f"mode={mode!r} is not known: choose one of {', '.join(MODES)}")
     if what not in WHATS:
@@ -939,7 +948,7 @@ def time_spec(
         try:
             probe = reference = None
             if result.speed_corrected:
-                probe = SpeedProbe(probe_kind(mode))
+                probe = _probe(probe_kind(mode))
                 reference = machine_reference(probe, fingerprint_id=fp_id, cache_dir=cache_root).probe_s
                 result.reference_probe_s = reference
             job = _build_job(
@@ -991,7 +1000,7 @@ def time_spec_subprocess(spec, *, timeout_s: float | None = None, **kwargs) -> T
     memory, crashed in a kernel) or runs past `timeout_s` gives a record with status "oom"
     (killed by signal 9, the usual out-of-memory kill) or "error" and the end of its stderr.
     """
-    spec = _as_spec(spec)
+    spec = AttentionSpec.coerce(spec)
     if kwargs.get("use_cache", True) and not kwargs.get("force", False):
         cached = _cached_only(spec, **kwargs)
         if cached is not None:
@@ -1042,24 +1051,15 @@ def merge_passes(records: list[TimingResult]) -> TimingResult:
     merged.speeds = [v for r in records for v in r.speeds] if first.speed_corrected else []
     merged.n_repeats = len(merged.times_s)
     merged.n_warmup = sum(r.n_warmup for r in records)
-    merged.raw_median_s, merged.raw_iqr_s = _median_iqr(merged.times_s)
-    summary = corrected_times(merged.times_s, merged.speeds) if merged.speeds else merged.times_s
-    merged.median_s, merged.iqr_s = _median_iqr(summary)
-    merged.machine_speed = statistics.median(merged.speeds) if merged.speeds else None
-    backends = []
-    for r in records:
-        for part in (r.backend or "").split(","):
-            if part and part not in backends:
-                backends.append(part)
+    figures, repeat_flags = _summarise(merged.times_s, merged.speeds)
+    for name, value in figures.items():
+        setattr(merged, name, value)
+    backends = _backend_parts(r.backend for r in records)
     merged.backend = ",".join(backends)
-    flags = [f for r in records for f in r.flags if f not in ("unstable", "machine-busy")]
+    flags = [f for r in records for f in r.flags if f not in REPEAT_FLAGS]
     if len(backends) > 1:
         flags.append("backend-changed")
-    if merged.speeds and merged.machine_speed < 1 / BUSY_CORRECTION:
-        flags.append("machine-busy")
-    if _unstable(summary, merged.median_s):
-        flags.append("unstable")
-    merged.flags = list(dict.fromkeys(flags))
+    merged.flags = list(dict.fromkeys(flags + repeat_flags))
     peaks = [r.peak_mem_bytes for r in records if r.peak_mem_bytes is not None]
     merged.peak_mem_bytes = max(peaks) if peaks else None
     merged.timestamp = records[-1].timestamp
@@ -1094,7 +1094,7 @@ def time_specs(
     passes = _check_int("passes", passes, 1)
     if isinstance(specs, (AttentionSpec, dict)):
         specs = [specs]
-    specs = [_as_spec(s) for s in specs]
+    specs = [AttentionSpec.coerce(s) for s in specs]
     seq_lens = [seq_lens] if isinstance(seq_lens, int) else list(seq_lens)
     modes = [modes] if isinstance(modes, str) else list(modes)
     grid = [(m, n, s) for m in modes for n in seq_lens for s in specs]

@@ -178,3 +178,11 @@ def test_kv_cache_bytes():
     assert sw.kv_cache_bytes(1000, 2) == 128 * 256  # the window caps the cache
     flex = AttentionSpec.variant("flexsqa", 256, 16, window=128, n_global=4)
     assert flex.kv_cache_bytes(1000, 2) == (128 + 4) * 256
+
+
+def test_coerce_takes_a_spec_or_its_dict_and_names_anything_else():
+    s = AttentionSpec.variant("sqa", 64, 8)
+    assert AttentionSpec.coerce(s) is s
+    assert AttentionSpec.coerce(s.to_dict()) == s
+    with pytest.raises(SpecError, match="spec must be an AttentionSpec or a dict of its fields, got str"):
+        AttentionSpec.coerce("sqa")
