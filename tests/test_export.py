@@ -10,10 +10,8 @@ import sys
 import textwrap
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
-import yaml
 
 from sqa_search.attention import SparseQueryAttention
 from sqa_search.export import (
@@ -28,6 +26,7 @@ from sqa_search.export import (
     select_trial,
 )
 from sqa_search.spec import VARIANTS, AttentionSpec
+from study_helpers import fake_study
 
 D, H = 64, 8
 TOL = 1e-6
@@ -351,32 +350,11 @@ def test_parse_pick():
 
 # ----- a small synthetic study: trials written straight into Optuna ----------------------------
 def _fake_study(tmp_path, rows, name="fake"):
-    """rows: (spec, quality, latency_s). A study folder open_study reads, made in milliseconds."""
-    from sqa_search.space import space_from_dict
-
-    data = {"name": name, "model": {"d_model": D, "n_heads": H, "n_layers": 2},
-            "target": {"seq_len": 128, "mode": "prefill"},
-            "search": {"n_q_heads": [1, 2, 4, 8], "n_kv_heads": [1, 2, 4, 8]},
-            "study": {"trials": len(rows)}, "training": {"task": "lm"}}
-    space = space_from_dict(data, source="fake")
-    folder = tmp_path / "studies" / name
-    folder.mkdir(parents=True)
-    (folder / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
-    storage = f"sqlite:///{(folder / 'study.db').resolve()}"
-    (folder / "study.json").write_text(json.dumps({"name": name, "storage": storage, "space_fingerprint": "x"}))
-    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"])
+    """A synthetic study measured on "Test CPU", with one failed trial."""
     fp = {"device_type": "cpu", "device_name": "Test CPU", "torch_version": "2.x", "threads": 1}
-    for spec, quality, latency in rows:
-        attrs = {"spec": spec.to_dict(), "label": spec.label, "variant": spec.variant_name, "family": spec.family,
-                 "latency_s": latency, "latency_source": "measured on Test CPU", "quality": quality,
-                 "kv_cache_bytes": space.kv_cache_bytes(spec), "fingerprint": fp,
-                 "spec_key": json.dumps(spec.to_dict(), sort_keys=True),
-                 "timing": [{"seq_len": 128, "median_s": latency, "backend": "sdpa/flash", "fingerprint_id": "abc"}],
-                 "train": {"steps": 10, "tokens": 1000, "data_source": "builtin", "seed": 0}}
-        study.add_trial(optuna.trial.create_trial(values=[quality, latency], user_attrs=attrs))
-    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
-                                              user_attrs={"fail_reason": "invalid combination: test"}))
-    return folder
+    return fake_study(tmp_path, rows, fp, name=name, d_model=D, n_heads=H, fingerprint_id="abc",
+                      train={"steps": 10, "tokens": 1000, "data_source": "builtin", "seed": 0},
+                      failed_reason="invalid combination: test")
 
 
 ROWS = [(AttentionSpec.variant("mha", D, H), 2.000, 0.010),

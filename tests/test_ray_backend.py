@@ -15,19 +15,19 @@ from pathlib import Path
 import optuna
 import pytest
 import ray
-import yaml
 from optuna.trial import TrialState
 
 from sqa_search.ray_backend import RAY_ATTR, ray_result, run_ray_study, trial_resources
 from sqa_search.report import pareto_table
 from sqa_search.space import space_from_dict
 from sqa_search.study import StudyError, finished_count, open_study, run_study
+from study_helpers import merged, space_file
 
 TINY = {
     "model": {"d_model": 32, "n_heads": 4, "n_layers": 1},
     "target": {"seq_len": 64, "mode": "prefill", "timing_budget_s": 0.05},
     "search": {"n_q_heads": [1, 2, 4], "n_kv_heads": [1, 2, 4], "variants": ["mha", "sqa", "xsqa"]},
-    "constraints": {"kv_divides_q": True},  # some proposals fail as invalid combinations
+    "constraints": {"kv_divides_q": True},  # some proposals are pruned as invalid combinations
     # a wall-clock budget: every trial runs long enough to be killed in the middle
     "study": {"sampler": "random", "seed": 0, "trials": 6},
     "training": {"task": "lm", "budget_seconds": 1.0, "batch_size": 2, "seq_len": 32, "eval_batches": 1},
@@ -36,20 +36,11 @@ ANCHORS = {"MHA 4q/4kv", "SQA 2q/1kv", "xSQA 1q/1kv"}
 
 
 def _space_file(tmp_path, name="tiny", **changes):
-    data = {k: dict(v) for k, v in TINY.items()}
-    for key, value in changes.items():
-        data[key] = {**data.get(key, {}), **value}
-    data["name"] = name
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return space_file(tmp_path, TINY, name, **changes)
 
 
 def _space(**changes):
-    data = {k: dict(v) for k, v in TINY.items()}
-    for key, value in changes.items():
-        data[key] = {**data.get(key, {}), **value}
-    return space_from_dict(data, name="tiny")
+    return space_from_dict(merged(TINY, **changes), name="tiny")
 
 
 # ----- quick: arguments are checked before Ray starts ---------------------------------------------

@@ -5,7 +5,6 @@ model when they do not, and clear errors for bad input."""
 import argparse
 import json
 
-import optuna
 import pytest
 import yaml
 
@@ -22,6 +21,7 @@ from sqa_search.recommend import (
     run,
 )
 from sqa_search.spec import AttentionSpec
+from study_helpers import fake_study
 
 
 def _cli(argv):
@@ -163,33 +163,6 @@ def test_device_names_match_profiles():
 
 
 # ----- with a study -------------------------------------------------------------------------------
-def _fake_study(tmp_path, rows, fingerprint, name="fake", seq_len=128):
-    """A study folder open_study reads, with trials written straight into Optuna (milliseconds)."""
-    from sqa_search.space import space_from_dict
-
-    data = {"name": name, "model": {"d_model": 64, "n_heads": 8, "n_layers": 2},
-            "target": {"seq_len": seq_len, "mode": "prefill"},
-            "search": {"n_q_heads": [1, 2, 4, 8], "n_kv_heads": [1, 2, 4, 8]},
-            "study": {"trials": len(rows)}, "training": {"task": "lm"}}
-    space = space_from_dict(data, source="fake")
-    folder = tmp_path / "studies" / name
-    folder.mkdir(parents=True)
-    (folder / "space.yaml").write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
-    storage = f"sqlite:///{(folder / 'study.db').resolve()}"
-    (folder / "study.json").write_text(json.dumps({"name": name, "storage": storage, "space_fingerprint": "x"}))
-    study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"])
-    for spec, quality, latency in rows:
-        attrs = {"spec": spec.to_dict(), "label": spec.label, "variant": spec.variant_name, "family": spec.family,
-                 "latency_s": latency, "latency_source": f"measured on {fingerprint['device_name']}",
-                 "quality": quality, "kv_cache_bytes": space.kv_cache_bytes(spec), "fingerprint": fingerprint,
-                 "spec_key": json.dumps(spec.to_dict(), sort_keys=True),
-                 "timing": [{"seq_len": seq_len, "median_s": latency, "backend": "sdpa/flash", "flags": [],
-                             "fingerprint_id": "f00d"}],
-                 "train": {"steps": 10, "tokens": 1000}}
-        study.add_trial(optuna.trial.create_trial(values=[quality, latency], user_attrs=attrs))
-    return folder
-
-
 ROWS = [(AttentionSpec.variant("mha", 64, 8), 2.000, 0.010),
         (AttentionSpec.variant("gqa", 64, 8), 2.010, 0.009),
         (AttentionSpec.variant("sqa", 64, 8), 2.015, 0.006),
@@ -203,7 +176,7 @@ def _here():
 
 
 def test_study_measured_here_is_used_for_local(tmp_path):
-    folder = _fake_study(tmp_path, ROWS, _here())
+    folder = fake_study(tmp_path, ROWS, _here())
     rec = recommend("local", study=folder, device="cpu")
     assert rec.speed_source == "measured" and rec.quality_source == "study"
     assert (rec.seq_len, rec.mode, rec.batch) == (128, "prefill", 1)  # the study's target by default
@@ -222,7 +195,7 @@ def test_study_measured_here_is_used_for_local(tmp_path):
 
 
 def test_study_on_other_hardware_uses_the_cost_model(tmp_path):
-    folder = _fake_study(tmp_path, ROWS, _here())
+    folder = fake_study(tmp_path, ROWS, _here())
     rec = recommend("h100", study=folder, seq_len=32768, mode="train", tolerance="1%")
     assert rec.speed_source == "predicted" and rec.quality_source == "study"
     assert any("not on the target NVIDIA H100" in n for n in rec.notes)
@@ -230,13 +203,13 @@ def test_study_on_other_hardware_uses_the_cost_model(tmp_path):
     assert rec.choice.loss_source.startswith("measured: study 'fake'")
     # and a study from another machine is not taken as this one's measurements
     foreign = dict(_here(), device_name="Some Other CPU", cpu_model="Some Other CPU")
-    folder2 = _fake_study(tmp_path, ROWS, foreign, name="foreign")
+    folder2 = fake_study(tmp_path, ROWS, foreign, name="foreign")
     rec2 = recommend("local", study=folder2, device="cpu")
     assert rec2.speed_source == "predicted" and any("Some Other CPU" in n for n in rec2.notes)
 
 
 def test_study_without_mha_takes_tolerance_against_the_best(tmp_path):
-    folder = _fake_study(tmp_path, ROWS[1:], _here(), name="nomha")
+    folder = fake_study(tmp_path, ROWS[1:], _here(), name="nomha")
     rec = recommend("local", study=folder, device="cpu", tolerance="0.3%")
     assert rec.reference_label == "GQA 8q/2kv" and rec.choice.label == "SQA 4q/2kv"
     assert any("MHA is not among" in n for n in rec.notes)

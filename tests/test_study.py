@@ -1,7 +1,6 @@
 """Studies end to end on real storages (SQLite, journal file), real timings and real training,
 with budgets small enough for a test."""
 
-import os
 import signal
 import subprocess
 import sys
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from sqa_search.report import pareto_table, write_report
-from sqa_search.space import space_from_dict
 from sqa_search.study import StudyError, finished_count, open_study, run_study
+from study_helpers import space_file
 
 TINY = {
     "model": {"d_model": 32, "n_heads": 4, "n_layers": 1},
@@ -27,13 +25,7 @@ TINY = {
 
 
 def _space_file(tmp_path, name="tiny", **changes):
-    data = {k: dict(v) for k, v in TINY.items()}
-    for key, value in changes.items():
-        data[key] = {**data.get(key, {}), **value}
-    data["name"] = name
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
+    return space_file(tmp_path, TINY, name, **changes)
 
 
 def _complete_keys(study):
@@ -66,7 +58,7 @@ def test_study_runs_records_failures_reuses_duplicates_and_writes_report(tmp_pat
     frame, front, hv = pareto_table(handle)
     assert not front.empty and hv > 0
     assert front.speedup_vs_mha.notna().all()
-    written = write_report(handle)
+    write_report(handle)
     for name in ("results.csv", "results.parquet", "pareto.png", "pareto.html", "report.md"):
         assert (handle.directory / name).is_file(), name
     # the same command again: nothing more to do, nothing recomputed
@@ -163,7 +155,6 @@ def test_two_workers_share_a_journal_without_losing_or_duplicating(tmp_path):
     assert not study.get_trials(states=(TrialState.RUNNING,))
     pids = {t.user_attrs["pid"] for t in study.trials if "pid" in t.user_attrs}
     assert len(pids) == 2, "both workers ran trials"
-    keys = _complete_keys(study)
     # a spec both workers started at the same moment may run twice; with 6 trials over 9 specs
     # the enqueued anchors (claimed atomically) must never be duplicated
     anchors = [t for t in study.trials if "anchor" in t.user_attrs]
