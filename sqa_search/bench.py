@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
 from ._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
+from .errors import UserError
 
 __all__ = ["add_arguments", "run", "main", "BenchError", "parse_variants", "parse_seq_lens", "DEFAULT_VARIANTS"]
 
@@ -43,7 +44,7 @@ CSV_COLUMNS = (
 )
 
 
-class BenchError(ValueError):
+class BenchError(UserError):
     """A bench option that cannot be used as given; the message names the option and the value."""
 
 

@@ -70,6 +70,7 @@ import numpy as np
 import yaml
 
 from .spec import AttentionSpec
+from .errors import UserError
 
 __all__ = [
     "CostError",
@@ -93,7 +94,7 @@ __all__ = [
 ]
 
 
-class CostError(ValueError):
+class CostError(UserError):
     """Bad input to the cost model: an unknown profile, mode, dtype or scope, or a bad profile file."""
 
 

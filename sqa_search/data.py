@@ -41,6 +41,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
+from .errors import UserError
 
 __all__ = [
     "DataError",
@@ -75,7 +76,7 @@ _INSTALL_HF = "install with pip install 'sqa-search[hf]'"
 _INSTALL_TOKENIZERS = "install with pip install 'sqa-search[tokenizers]'"
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data source, tokenizer or batch setting that cannot be used, raised before any work."""
 
 

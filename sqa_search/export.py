@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
 from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s
+from .errors import UserError
 
 __all__ = [
     "ExportError",
@@ -60,7 +61,7 @@ README_FILE = "README.md"
 DEFAULT_MODULE = "sqa_layer"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be done as asked; the message names the option, the value and what is allowed."""
 
 

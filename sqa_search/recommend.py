@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .spec import AttentionSpec, SpecError
 from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s, fmt_x as _fmt_x
+from .errors import UserError
 
 __all__ = [
     "RecommendError",
@@ -60,7 +61,7 @@ PAPER_MODEL = {"d_model": 256, "n_heads": 16, "n_layers": 8}
 MODES = ("train", "prefill", "decode")
 
 
-class RecommendError(ValueError):
+class RecommendError(UserError):
     """A recommendation that cannot be made as asked; the message says which input and why."""
 
 

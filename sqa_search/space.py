@@ -61,6 +61,7 @@ from typing import Any
 import yaml
 
 from .spec import VARIANTS, AttentionSpec, SpecError, _variant_heads
+from .errors import UserError
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key"]
 
@@ -72,7 +73,7 @@ STUDY_MODES = ("pareto", "constrained")
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
 
 
-class SpaceError(ValueError):
+class SpaceError(UserError):
     """A search-space file that cannot be used; the message names the file, the key and the value."""
 
 

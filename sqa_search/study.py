@@ -35,6 +35,7 @@ from optuna.trial import TrialState
 
 from .space import SearchSpace, SpaceError, candidate_key, load_space, train_config_from
 from .spec import AttentionSpec
+from .errors import UserError
 
 __all__ = ["run_study", "open_study", "StudyError", "study_dir_for", "trials_frame"]
 
@@ -46,7 +47,7 @@ SPACE_FILE = "space.yaml"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
 
-class StudyError(ValueError):
+class StudyError(UserError):
     """A study that cannot be run or opened as asked; the message says why and what to do."""
 
 

@@ -81,6 +81,7 @@ import torch.nn.functional as F
 from .spec import AttentionSpec
 from .speed_probe import (BUSY_CORRECTION, PROBE_INTERVAL_S, SpeedProbe, corrected_times, machine_reference,
                           probe_kind, stored_reference)
+from .errors import UserError
 
 __all__ = [
     "TimingResult",
@@ -142,7 +143,7 @@ HARDWARE_FIELDS = (
 )
 
 
-class TimingError(ValueError):
+class TimingError(UserError):
     """A timing request that cannot be run as asked (bad mode, dtype, device, shape)."""
 
 

@@ -64,6 +64,7 @@ from .data import (
 )
 from .model import MODEL_PRESETS, ModelConfig, ProxyLM
 from .spec import AttentionSpec, SpecError, variant_display_name
+from .errors import UserError
 
 __all__ = [
     "TrainConfig",
@@ -102,7 +103,7 @@ MASK_FRACTION = 0.15
 MQAR_EVAL_SEED = 2**31 - 1
 
 
-class TrainError(ValueError):
+class TrainError(UserError):
     """A training setting that cannot be used; raised before any training starts."""
 
 
