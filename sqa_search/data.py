@@ -550,13 +550,14 @@ def _tiktoken_tokenizer(encoding: str) -> Tokenizer:
 
 
 def _hf_tokenizer(path: str) -> Tokenizer:
+    # The file first: a wrong path is the user's first problem, with or without the package.
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise DataError(f"tokenizer {path!r} is not allowed: no such tokenizer.json file")
     try:
         import tokenizers
     except ImportError:
         raise DataError(f"tokenizer {path!r} needs the tokenizers package; {_INSTALL_TOKENIZERS}") from None
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise DataError(f"tokenizer {path!r} is not allowed: no such tokenizer.json file")
     try:
         tok = tokenizers.Tokenizer.from_file(str(file))
     except Exception as exc:

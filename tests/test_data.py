@@ -367,9 +367,10 @@ def test_bad_tokenizers(tmp_path, monkeypatch):
         load_tokens(src, tokenizer="gpt-5", cache_dir=tmp_path / "c")
     with pytest.raises(DataError, match=r"tokenizer '.*missing.json'.*no such tokenizer.json"):
         get_tokenizer(str(tmp_path / "missing.json"))
-    monkeypatch.setitem(sys.modules, "tokenizers", None)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as on a machine without the package
+    present = _write(tmp_path / "tokenizer.json", "{}")
     with pytest.raises(DataError, match=r"tokenizers package.*sqa-search\[tokenizers\]"):
-        get_tokenizer("tokenizers:/x/tokenizer.json")
+        get_tokenizer(f"tokenizers:{present}")
     monkeypatch.setitem(sys.modules, "tiktoken", None)
     with pytest.raises(DataError, match=r"tiktoken package.*sqa-search\[tokenizers\]"):
         get_tokenizer("tiktoken:gpt2")
