@@ -1,5 +1,11 @@
 """The `sqa-search` command. Each subcommand lives in its own module, which is imported only
-when that subcommand runs, so `--help` is instant."""
+when that subcommand runs, so `--help` is instant.
+
+Errors: a user's mistake (a `UserError` from any module, a `SpecError`, a bad flag, a path that
+cannot be read or written) is printed as one line, ``sqa-search CMD: error: ...``, and exits 2;
+anything else is a bug in sqa-search and says so in one line with exit 1. ``--debug`` (anywhere
+on the command line) shows the traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +22,25 @@ SUBCOMMANDS = {
     "bench": ("sqa_search.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
 }
 
+DEBUG_FLAG = "--debug"
+EXIT_USER_ERROR = 2
+EXIT_BUG = 1
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as one line (which option, which value, where to read what is allowed)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _OneLineParser(
         prog="sqa-search",
         description="Search and auto-tune Sparse Query Attention head configurations for your model and hardware.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument(DEBUG_FLAG, action="store_true", help="show the full traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -37,19 +55,52 @@ def _version() -> str:
     return __version__
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .errors import UserError
+    from .spec import SpecError  # a plain ValueError: spec.py is inlined into exported modules
+
+    # OSError: a path the user named cannot be read or written (missing, a folder, no permission).
+    return (UserError, SpecError, OSError)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    if argv and argv[0] in SUBCOMMANDS:
-        module_name, help_text = SUBCOMMANDS[argv[0]]
-        module = importlib.import_module(module_name)
-        sub = argparse.ArgumentParser(prog=f"sqa-search {argv[0]}", description=help_text)
-        module.add_arguments(sub)
-        args = sub.parse_args(argv[1:])
+    debug = DEBUG_FLAG in argv
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if not argv or argv[0] not in SUBCOMMANDS:
+        args = build_parser().parse_args(argv)  # --help, --version, or an unknown command (exit 2)
+        build_parser().print_help()
+        return 0 if args.command is None else EXIT_USER_ERROR
+
+    command = argv[0]
+    module_name, help_text = SUBCOMMANDS[command]
+    module = importlib.import_module(module_name)
+    prog = f"sqa-search {command}"
+    sub = _OneLineParser(prog=prog, description=help_text)
+    module.add_arguments(sub)
+    args = sub.parse_args(argv[1:])
+    try:
         return int(module.run(args) or 0)
-    args = parser.parse_args(argv)
-    parser.print_help()
-    return 0 if args.command is None else 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as exc:
+        if debug:
+            raise
+        print(f"{prog}: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except Exception as exc:  # a bug: say so in one line, keep the traceback for --debug
+        if debug:
+            raise
+        print(f"{prog}: internal error (a bug in sqa-search, please report it): {type(exc).__name__}: "
+              f"{_one_line(exc)}; rerun with {DEBUG_FLAG} for the traceback", file=sys.stderr)
+        return EXIT_BUG
 
 
 if __name__ == "__main__":

@@ -1058,7 +1058,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("which configuration (one of --trial, --pick, --spec)")
     what.add_argument("--study", help="a study folder, e.g. studies/quickstart (with --trial or --pick)")
     what.add_argument("--trial", type=int, help="the study's trial number to export")
-    what.add_argument("--pick", help=f"a rule over the study's complete trials: {_PICK_HELP}")
+    what.add_argument("--pick", help="a rule over the study's complete trials: " + _PICK_HELP.replace("%", "%%"))  # argparse formats help with %
     what.add_argument("--spec", help="a spec given directly: a variant name (sqa, ssqa, swsqa, ...), "
                                      "'q/kv[/W[/G]]', or a JSON object of AttentionSpec fields")
     spec = parser.add_argument_group("with --spec")
