@@ -877,16 +877,15 @@ def export_layer(spec: AttentionSpec, out, *, weights=None, weights_prefix: str 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {str(out)!r} exists and is not a folder")
+    weights_path, weights_note = None, None
+    state = None
+    if weights is not None or with_weights:  # checked before anything is written
+        state, weights_note = _make_weights(spec, weights, weights_prefix, seed)
     out.mkdir(parents=True, exist_ok=True)
     source = dict(source or {})
     source.setdefault("origin", "spec given directly")
     source["exported"] = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     figures = dict(figures or {})
-
-    weights_path, weights_note = None, None
-    state = None
-    if weights is not None or with_weights:
-        state, weights_note = _make_weights(spec, weights, weights_prefix, seed)
 
     provenance = [f"Exported {source['exported']} from {source['origin']}"]
     for key in ("study", "trial", "chosen_by", "fingerprint"):

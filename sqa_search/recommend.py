@@ -496,6 +496,9 @@ def recommend(
         mode = mode or "prefill"
         batch = batch or 1
         what = what or "model"
+        if d_model % n_heads:
+            raise RecommendError(f"--heads {n_heads} is not allowed with --d-model {d_model}: the heads must divide "
+                                 f"the model width (head_dim = d_model / heads), e.g. --heads 16")
         try:
             rows = _prior_rows(d_model, n_heads, notes)
         except SpecError as exc:

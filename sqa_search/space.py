@@ -470,6 +470,8 @@ def _check_training(source: str, training: dict, quality: str) -> None:
 
 def load_space(path: str | Path, name: str | None = None) -> SearchSpace:
     path = Path(path)
+    if path.is_dir():
+        raise SpaceError(f"search space file {str(path)!r} is a folder: give a .yaml file (e.g. search_spaces/quickstart.yaml)")
     if not path.is_file():
         raise SpaceError(f"search space file {str(path)!r} does not exist")
     try:
