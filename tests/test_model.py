@@ -19,7 +19,10 @@ def test_model_runs_counts_and_trains_a_step(name, causal):
     assert logits.shape == (2, 40, 97)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    assert model.embed.weight is not None and model.attention_layers[0].spec == spec
+    # every block carries the spec's layer (not one shared or default layer)
+    layers = model.attention_layers
+    assert len(layers) == config.n_layers and len({id(l) for l in layers}) == config.n_layers
+    assert all(layer.spec == spec for layer in layers)
 
 
 def test_decoder_is_causal_and_encoder_is_not():
