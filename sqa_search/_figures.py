@@ -66,15 +66,30 @@ def _titles(fig):
     return out
 
 
+def _height(artist, renderer) -> float:
+    return artist.get_window_extent(renderer).height if artist.get_text() else 0.0
+
+
 def fit_text(fig) -> None:
     """Wrap titles wider than their room, then lay out the figure so that its labels, tick
-    labels, legends and annotations lie inside it. Call after everything is drawn on `fig`."""
+    labels, legends and annotations lie inside it. Call after everything is drawn on `fig`.
+
+    The figure grows by the height the wrapped lines add, so wrapping a title never takes room
+    from the plot under it."""
     renderer = fig.canvas.get_renderer()
-    # Twice: the first layout gives the axes their widths, which bound the axes titles; wrapped
-    # titles are taller, so the layout runs again.
+    # Twice: the first layout gives the axes their widths, which bound the axes titles.
     for _ in range(2):
+        grown = {"suptitle": 0.0, "axes titles": 0.0}  # pixels the wrapped lines add
         for artist, room in _titles(fig):
+            before = _height(artist, renderer)
             _wrap_to_width(artist, room, renderer)
+            which = "suptitle" if artist is fig._suptitle else "axes titles"
+            grown[which] = max(grown[which], _height(artist, renderer) - before)
+        extra_px = sum(grown.values())
+        if extra_px > 0:
+            width, height = fig.get_size_inches()
+            fig.set_size_inches(width, height + extra_px / fig.dpi)
+            renderer = fig.canvas.get_renderer()
         fig.tight_layout(pad=0.6)
 
 

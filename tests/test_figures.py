@@ -26,6 +26,7 @@ def test_a_title_wider_than_the_figure_is_found_then_wrapped_to_fit():
     assert text_outside(fig) == []
     assert fig.get_suptitle().split() == LONG.split()  # every word kept, only the line breaks differ
     assert fig.get_suptitle().count("\n") >= 2
+    assert fig.get_size_inches()[1] > 5  # taller by the added lines: the plot keeps its height
     plt.close(fig)
 
 
