@@ -9,6 +9,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -39,13 +40,27 @@ def _offline_prefix() -> list[str]:
     pytest.skip("cannot create a network namespace (unshare --net) to run the browser offline")
 
 
+# Run inside the namespace: neither the CDN's name nor a public address may answer.
+NETWORK_PROBE = """
+import socket
+for what, attempt in (("name", lambda: socket.getaddrinfo("cdn.plot.ly", 443)),
+                      ("address", lambda: socket.create_connection(("1.1.1.1", 443), timeout=3))):
+    try:
+        attempt()
+        print(what, "reachable")
+    except OSError as exc:
+        print(what, "unreachable:", exc)
+"""
+
+
 @pytest.fixture(scope="module")
 def offline():
     prefix = _offline_prefix()
-    probe = ("import socket\ntry:\n    socket.create_connection(('151.101.1.229', 443), timeout=3)\n"
-             "except OSError as e:\n    print('unreachable', e)\nelse:\n    print('reachable')")
-    out = subprocess.run(prefix + ["python3", "-c", probe], capture_output=True, text=True, timeout=30).stdout
-    assert out.startswith("unreachable"), f"the namespace still reaches the network: {out!r}"
+    out = subprocess.run(prefix + [sys.executable, "-c", NETWORK_PROBE], capture_output=True, text=True,
+                         timeout=60).stdout
+    answers = dict(line.split(" ", 1) for line in out.splitlines())
+    assert set(answers) == {"name", "address"} and all(a.startswith("unreachable") for a in answers.values()), \
+        f"the namespace still reaches the network:\n{out}"
     return prefix
 
 
