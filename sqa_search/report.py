@@ -105,7 +105,7 @@ def front_plotly_figure(handle, frame, front):
     figure.add_trace(go.Scatter(x=done.latency_s, y=done.quality, mode="markers", name="trials",
                                 text=done.label, marker=dict(color="#999999")))
     figure.add_trace(go.Scatter(x=front.latency_s, y=front.quality, mode="lines+markers+text", name="Pareto front",
-                                text=front.label, textposition="top center",
+                                text=front.label, textposition="top center", cliponaxis=False,  # edge labels whole
                                 line=dict(color=FRONT_COLOUR), marker=dict(color=FRONT_COLOUR)))
     # the study's name and what is plotted on two lines: a long name still fits a laptop's window
     figure.update_layout(title=dict(text=handle.space.name, subtitle=dict(text=subject)),
