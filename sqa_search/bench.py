@@ -563,15 +563,19 @@ def write_csv(path: Path, results, args, plan) -> None:
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
-def write_plot(path: Path, results, args, plan) -> None:
+def plot_figure(results, args, plan):
+    """The log-log plot of seconds per step against N, one panel per mode, laid out so that its
+    title (as long as the run's settings make it) and labels fit inside."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
+    from ._figures import fit_text
+
     modes = plan["modes"]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False, dpi=110)
     for ax, mode in zip(axes[0], modes):
         for spec in plan["specs"]:
             pts = [(n, r.median_s) for n in plan["seq_lens"]
@@ -591,9 +595,14 @@ def write_plot(path: Path, results, args, plan) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(_title(args, plan, results, None), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fit_text(fig)
+    return fig
+
+
+def write_plot(path: Path, results, args, plan) -> None:
+    from ._figures import save
+
+    save(plot_figure(results, args, plan), path)
 
 
 # ----- entry points --------------------------------------------------------------------------

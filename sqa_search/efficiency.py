@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    from ._figures import fit_text, save
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for name, fractions in curves.items():
         mean = fractions.mean(0)
         ax.plot(range(1, n + 1), mean, ls="-" if "no anchors" not in name else "--",
@@ -159,8 +161,8 @@ def main(argv=None) -> int:
     ax.set_title(f"{space.name}: search efficiency ({n} candidates)")
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "efficiency.png", dpi=120)
+    fit_text(fig)
+    save(fig, out / "efficiency.png")
     print(f"\nwritten: {out / 'efficiency.csv'}, {out / 'efficiency.png'}")
     return 0
 

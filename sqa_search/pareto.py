@@ -17,8 +17,8 @@ Conventions shared by every function here:
   reference's boundary spans a box of zero volume anyway). It is exact, not sampled.
 
 Optuna has a hypervolume routine, but it is private (``optuna._hypervolume``) and may move in
-any release, so this module carries its own; the tests cross-check the two where Optuna's is
-importable.
+any release, so this module carries its own; the tests cross-check the two (and fail, not skip,
+when Optuna's moves).
 """
 
 from __future__ import annotations

@@ -57,55 +57,88 @@ def _front_columns(front):
     return front[[c for c in keep if c in front.columns]]
 
 
-def _plot_front(handle, frame, front, out: Path) -> list[Path]:
+# The front's colour in both plots; nothing else in them is this red, so a test can find the front.
+FRONT_COLOUR = "#d62728"
+
+
+def _front_title(handle) -> tuple[str, str]:
+    """(what the front plots show, where the latency comes from); the title is "<study>: <what>"."""
+    space = handle.space
+    source = "measured" if space.target.measured else f"predicted ({space.target.hardware})"
+    return f"{space.objectives.quality} vs latency ({space.target.mode}, {source})", source
+
+
+def front_figure(handle, frame, front):
+    """The matplotlib figure of pareto.png: every complete trial, the front, the named variants."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from ._figures import fit_text
+
     done = frame[frame.state == "COMPLETE"]
-    quality = handle.space.objectives.quality
-    source = "measured" if handle.space.target.measured else f"predicted ({handle.space.target.hardware})"
-    title = f"{handle.space.name}: {quality} vs latency ({handle.space.target.mode}, {source})"
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    subject, source = _front_title(handle)
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     ax.scatter(done.latency_s, done.quality, c="#bbbbbb", label="trials", zorder=2)
-    ax.plot(front.latency_s, front.quality, "-o", c="#d62728", label="Pareto front", zorder=3)
+    ax.plot(front.latency_s, front.quality, "-o", c=FRONT_COLOUR, label="Pareto front", zorder=3)
     for _, row in done.drop_duplicates("label").iterrows():
         if row.variant:
             ax.annotate(row.label, (row.latency_s, row.quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"latency per step, s ({source})")
-    ax.set_ylabel(quality)
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(handle.space.objectives.quality)
+    ax.set_title(f"{handle.space.name}: {subject}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    fit_text(fig)
+    return fig
+
+
+def front_plotly_figure(handle, frame, front):
+    """The plotly figure of pareto.html, the interactive twin of pareto.png."""
+    import plotly.graph_objects as go
+
+    done = frame[frame.state == "COMPLETE"]
+    subject, source = _front_title(handle)
+    figure = go.Figure()
+    figure.add_trace(go.Scatter(x=done.latency_s, y=done.quality, mode="markers", name="trials",
+                                text=done.label, marker=dict(color="#999999")))
+    figure.add_trace(go.Scatter(x=front.latency_s, y=front.quality, mode="lines+markers+text", name="Pareto front",
+                                text=front.label, textposition="top center", cliponaxis=False,  # edge labels whole
+                                line=dict(color=FRONT_COLOUR), marker=dict(color=FRONT_COLOUR)))
+    # the study's name and what is plotted on two lines: a long name still fits a laptop's window
+    figure.update_layout(title=dict(text=handle.space.name, subtitle=dict(text=subject)),
+                         xaxis_title=f"latency s ({source})", yaxis_title=handle.space.objectives.quality,
+                         xaxis_type="log")
+    return figure
+
+
+def write_front_html(handle, frame, front, path: Path) -> Path:
+    """Write pareto.html with plotly.js (about 4.6 MB) embedded, not loaded from a CDN: the page
+    must draw on an offline machine (most GPU cluster nodes), and a single file keeps working when
+    it alone is copied or mailed, which a plotly.min.js beside it (include_plotlyjs="directory")
+    would not."""
+    front_plotly_figure(handle, frame, front).write_html(path, include_plotlyjs=True)
+    return path
+
+
+def _plot_front(handle, frame, front, out: Path) -> list[Path]:
+    from ._figures import save
+
     png = out / "pareto.png"
-    fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
-    paths = [png]
-    try:
-        import plotly.graph_objects as go
-
-        figure = go.Figure()
-        figure.add_trace(go.Scatter(x=done.latency_s, y=done.quality, mode="markers", name="trials",
-                                    text=done.label, marker=dict(color="#999")))
-        figure.add_trace(go.Scatter(x=front.latency_s, y=front.quality, mode="lines+markers+text", name="Pareto front",
-                                    text=front.label, textposition="top center"))
-        figure.update_layout(title=title, xaxis_title=f"latency s ({source})", yaxis_title=quality, xaxis_type="log")
-        html = out / "pareto.html"
-        figure.write_html(html, include_plotlyjs="cdn")  # a small file; the CDN script loads in a browser
-        paths.append(html)
-    except ImportError:
-        pass
-    return paths
+    save(front_figure(handle, frame, front), png)
+    return [png, write_front_html(handle, frame, front, out / "pareto.html")]
 
 
-def _plot_hypervolume(handle, frame, out: Path) -> Path | None:
+def hypervolume_figure(handle, frame):
+    """The figure of hypervolume.png (hypervolume after each completed trial); None below 2 trials."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from ._figures import fit_text
 
     done = frame[frame.state == "COMPLETE"].sort_values("trial")
     if len(done) < 2:
@@ -115,17 +148,24 @@ def _plot_hypervolume(handle, frame, out: Path) -> Path | None:
     dirs = [directions[0], "minimize"]
     points = done[cols].to_numpy(dtype=float)
     history = hypervolume_history(points, reference_point(points, dirs), dirs)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ax.plot(range(1, len(history) + 1), history, "-o")
     ax.set_xlabel("completed trials")
     ax.set_ylabel("hypervolume (quality x latency)")
     ax.set_title(f"{handle.space.name}: hypervolume history")
     ax.grid(True, alpha=0.3)
-    path = out / "hypervolume.png"
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    fit_text(fig)
+    return fig
+
+
+def _plot_hypervolume(handle, frame, out: Path) -> Path | None:
+    from ._figures import save
+
+    fig = hypervolume_figure(handle, frame)
+    if fig is None:
+        return None
+    save(fig, out / "hypervolume.png")
+    return out / "hypervolume.png"
 
 
 def write_report(handle, out: Path | None = None) -> dict:

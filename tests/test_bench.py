@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
-import importlib.util
+import json
 
 import pytest
 
 from sqa_search import bench
+from sqa_search._figures import text_outside
 from sqa_search.spec import AttentionSpec
+from sqa_search.timing import TimingResult
 
-HAVE_COST = importlib.util.find_spec("sqa_search.cost") is not None
 TINY = ["--d-model", "64", "--heads", "8", "--threads", "1", "--budget-s", "0.02", "--max-repeats", "4",
         "--no-progress"]
 
@@ -18,6 +20,12 @@ TINY = ["--d-model", "64", "--heads", "8", "--threads", "1", "--budget-s", "0.02
 def read_csv(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def parsed(argv):
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    return parser.parse_args(argv)
 
 
 def only(pattern, folder):
@@ -29,8 +37,9 @@ def only(pattern, folder):
 @pytest.mark.slow
 def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = bench.main(TINY + ["--seq-lens", "64,128", "--variants", "mha,gqa,sqa,swsqa", "--window", "32",
-                            "--mode", "both", "--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    argv = TINY + ["--seq-lens", "64,128", "--variants", "mha,gqa,sqa,swsqa", "--window", "32",
+                   "--mode", "both", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    rc = bench.main(argv)
     assert rc == 0
     text = capsys.readouterr().out
     assert "MEASURED on cpu" in text and "PREDICTED" not in text
@@ -43,19 +52,25 @@ def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     assert {r["source"] for r in rows} == {"measured"}
     assert {r["status"] for r in rows} == {"ok"}
     assert {r["mode"] for r in rows} == {"prefill", "train"}
+    seconds = {(r["mode"], r["seq_len"], r["variant"]): float(r["seconds"]) for r in rows}
     for r in rows:
         assert float(r["seconds"]) > 0 and r["backend"] and r["fingerprint_id"]
         assert r["speed_corrected"] == "True" and float(r["raw_seconds"]) > 0 and float(r["machine_speed"]) > 0
-        if r["variant"] == "mha":
-            assert float(r["speedup_vs_mha"]) == 1.0
-        if r["variant"] == "gqa":
-            assert float(r["speedup_vs_gqa"]) == 1.0
+        for base in ("mha", "gqa"):  # the baseline's seconds at the same mode and N over this row's
+            expected = seconds[(r["mode"], r["seq_len"], base)] / float(r["seconds"])
+            assert float(r[f"speedup_vs_{base}"]) == pytest.approx(expected, abs=1e-4), (base, r)
     sw = [r for r in rows if r["variant"] == "swsqa" and r["seq_len"] == "128"]
     assert all(r["window"] == "32" and r["backend"].startswith("blocked/") for r in sw)
 
     png = only("*.png", out)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    assert len(only("*.jsonl", out).read_text().splitlines()) == len(rows)
+    records = [TimingResult.from_dict(json.loads(line)) for line in only("*.jsonl", out).read_text().splitlines()]
+    assert len(records) == len(rows)
+    # the plot of these records, with the measured title (device, threads, passes, speed correction)
+    args = parsed(argv)
+    fig = bench.plot_figure(records, args, bench._validate(args))
+    assert "MEASURED on cpu" in fig.get_suptitle() and "pooled from" in fig.get_suptitle()
+    assert text_outside(fig) == []
 
 
 def test_bench_decode_reports_the_kv_cache(tmp_path, capsys):
@@ -84,7 +99,6 @@ def test_cli_wires_the_bench(tmp_path, capsys):
     assert row["speed_corrected"] == "False" and row["seconds"] == row["raw_seconds"]
 
 
-@pytest.mark.skipif(not HAVE_COST, reason="sqa_search.cost is not there yet")
 def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
     rc = bench.main(["--hardware", "h100-sxm", "--seq-lens", "1k,4k", "--mode", "both", "--out", str(tmp_path),
                      "--no-progress"])
@@ -104,6 +118,19 @@ def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
     assert by[("prefill", "4096", "xsqa")] < by[("prefill", "4096", "sqa")] < by[("prefill", "4096", "mha")]
 
 
+def test_plot_fits_its_title(tmp_path):
+    """The default one-panel plot: its two-line PREDICTED title was wider than the figure."""
+    args = parsed(["--hardware", "a100-80gb", "--what", "model", "--seq-lens", "1k,4k", "--no-progress"])
+    plan = bench._validate(args)
+    fig = bench.plot_figure(bench._predict(args, plan), args, plan)
+    title = " ".join(fig.get_suptitle().split())
+    assert title == " ".join(bench._title(args, plan, [], None).split())  # wrapped, every word kept
+    assert title.startswith("PREDICTED (profile a100-80gb") and "not measured" in title
+    assert text_outside(fig) == []
+    bench.write_plot(tmp_path / "plot.png", bench._predict(args, plan), args, plan)
+    assert (tmp_path / "plot.png").stat().st_size > 10_000
+
+
 @pytest.mark.parametrize(
     "argv, needles",
     [
@@ -121,8 +148,6 @@ def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
     ],
 )
 def test_bad_options_fail_before_any_work(argv, needles, tmp_path, capsys):
-    if argv[0] == "--hardware" and not HAVE_COST:
-        pytest.skip("sqa_search.cost is not there yet")
     out = tmp_path / "never"
     rc = bench.main(argv + ["--out", str(out), "--no-progress"])
     assert rc == 2

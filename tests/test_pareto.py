@@ -127,8 +127,8 @@ def test_direction_validation():
     # British spelling and Optuna's enum are accepted.
     # (1, 3) has the lowest x and the highest y: it dominates the rest.
     assert non_dominated_mask(STAIR, ["minimise", "maximise"]).tolist() == [True, False, False]
-    optuna = pytest.importorskip("optuna")
-    d = optuna.study.StudyDirection
+    from optuna.study import StudyDirection as d
+
     assert non_dominated_mask(STAIR, [d.MINIMIZE, d.MAXIMIZE]).tolist() == [True, False, False]
 
 
@@ -272,27 +272,18 @@ def test_hypervolume_3d_few_hundred_points_is_fast():
     assert elapsed < 1.0, f"3-D hypervolume of 400 front points took {elapsed:.2f} s"
 
 
-def _optuna_hv():
-    try:
-        from optuna._hypervolume import compute_hypervolume
-    except Exception:  # private API: it may move or change in any release
-        return None
-    return compute_hypervolume
-
-
 @pytest.mark.parametrize("dim", [2, 3, 4])
 def test_hypervolume_matches_optuna_private_routine(dim):
-    compute = _optuna_hv()
-    if compute is None:
-        pytest.skip("optuna._hypervolume.compute_hypervolume is not importable")
+    # Optuna's routine is private (it may move in any release): if this import or call breaks,
+    # the cross-check is lost, which should be seen as a failure, not a skip.
+    from optuna._hypervolume import compute_hypervolume
+
     rng = np.random.default_rng(dim)
     for n in (1, 2, 7, 30):
         pts = rng.uniform(0, 1, size=(n, dim))
         ref = np.full(dim, 1.05)
-        try:
-            expected = float(compute(pts, ref))
-        except Exception as exc:  # signature or behaviour of the private API changed
-            pytest.skip(f"optuna._hypervolume changed: {exc!r}")
+        expected = float(compute_hypervolume(pts, ref))
+        assert expected > 0
         assert hypervolume(pts, ref) == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
