@@ -806,7 +806,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("which configuration (one of --trial, --pick, --spec)")
     what.add_argument("--study", help="a study folder, e.g. studies/quickstart (with --trial or --pick)")
     what.add_argument("--trial", type=int, help="the study's trial number to export")
-    what.add_argument("--pick", help=f"a rule over the study's complete trials: {_PICK_HELP}")
+    # argparse %-formats help strings: the rule's "X%" must be escaped or --help crashes
+    what.add_argument("--pick", help=f"a rule over the study's complete trials: {_PICK_HELP.replace('%', '%%')}")
     what.add_argument("--spec", help="a spec given directly: a variant name (sqa, ssqa, swsqa, ...), "
                                      "'q/kv[/W[/G]]', or a JSON object of AttentionSpec fields")
     spec = parser.add_argument_group("with --spec")

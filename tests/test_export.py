@@ -538,3 +538,11 @@ def test_cli(tmp_path, capsys):
         assert _cli(argv + ["--out", str(tmp_path / "x")]) == 2, argv
         out = capsys.readouterr().out
         assert out.startswith("error:") and match in out and out.count("\n") == 1, (argv, out)
+
+
+def test_help_prints(capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "fastest-within X%" in capsys.readouterr().out
