@@ -63,7 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "cache of N, both = prefill and train (default prefill)")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help=f"comma list of variant names ({', '.join(VARIANTS)}) or heads as "
-                             f"'q/kv' or 'q/kv/W' (W = sliding window); default {DEFAULT_VARIANTS}")
+                             f"'q/kv', 'q/kv/W' (W = sliding window) or 'q/kv/W/G' (G global tokens); "
+                             f"default {DEFAULT_VARIANTS}")
     parser.add_argument("--window", type=int, default=128, help="window W of swsqa / flexsqa (default 128)")
     causal = parser.add_mutually_exclusive_group()
     causal.add_argument("--causal", dest="causal", action="store_true", default=True,
@@ -126,7 +127,7 @@ def parse_seq_lens(text: str) -> list[int]:
 
 def parse_variants(text: str, *, d_model: int, n_heads: int, window: int, causal: bool) -> list[AttentionSpec]:
     """Variant names or 'q/kv' / 'q/kv/W' entries -> specs; raises BenchError naming --variants."""
-    allowed = f"a variant name ({', '.join(VARIANTS)}) or heads as 'q/kv' or 'q/kv/W'"
+    allowed = f"a variant name ({', '.join(VARIANTS)}) or heads as 'q/kv', 'q/kv/W' or 'q/kv/W/G'"
     specs: list[AttentionSpec] = []
     for raw in str(text).split(","):
         token = raw.strip()
@@ -135,13 +136,15 @@ def parse_variants(text: str, *, d_model: int, n_heads: int, window: int, causal
         try:
             if "/" in token:
                 parts = token.split("/")
-                if len(parts) not in (2, 3) or not all(p.strip().isdigit() for p in parts):
-                    raise BenchError(f"--variants: {token!r} is not allowed: heads are written 'q/kv' or "
-                                     f"'q/kv/W' with positive integers, e.g. 8/4 or 8/4/128")
+                if len(parts) not in (2, 3, 4) or not all(p.strip().isdigit() for p in parts):
+                    raise BenchError(f"--variants: {token!r} is not allowed: heads are written 'q/kv', "
+                                     f"'q/kv/W' or 'q/kv/W/G' with positive integers, e.g. 8/4, 8/4/128 or "
+                                     f"8/4/128/16")
                 q, kv = int(parts[0]), int(parts[1])
-                w = int(parts[2]) if len(parts) == 3 else None
+                w = int(parts[2]) if len(parts) >= 3 else None
+                g = int(parts[3]) if len(parts) == 4 else 0
                 spec = AttentionSpec(d_model=d_model, n_heads=n_heads, n_q_heads=q, n_kv_heads=kv,
-                                     window=w, causal=causal)
+                                     window=w, n_global=g, causal=causal)
             else:
                 try:
                     key = normalise_variant(token)

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "recommend": ("sqa_search.recommend", "recommend a head configuration for a target hardware, sequence length and workload"),
     "export": ("sqa_search.export", "export a configuration as a standalone PyTorch module, a config and a README"),
     "bench": ("sqa_search.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
+    "doctor": ("sqa_search.doctor", "check every attention path, kernel and the timing on this device before a long study"),
 }
 
 DEBUG_FLAG = "--debug"

@@ -1144,7 +1144,16 @@ def _layer_step(spec, *, mode, batch, seq_len, dtype, device):
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     layer = SparseQueryAttention(spec).to(device=device, dtype=torch_dtype)
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    if str(device).startswith("cuda"):
+        # synchronise the layer's own device: a bare synchronize() waits for the *current*
+        # device, so a cuda:1 timing from a process on cuda:0 would time the launches only
+        cuda_device = torch.device(device)
+
+        def sync():
+            torch.cuda.synchronize(cuda_device)
+    else:
+        def sync():
+            pass
     gen = torch.Generator().manual_seed(0)
     if mode == "decode":
         x_prompt = torch.randn(batch, seq_len, spec.d_model, generator=gen).to(device, torch_dtype)

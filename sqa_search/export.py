@@ -8,10 +8,9 @@ What it writes into ``--out DIR``:
 
 1. ``sqa_layer.py``: one standalone module that depends only on torch. It holds the
    configuration as constants and the layer (`SparseQueryAttention`, with ``new_cache`` /
-   ``prefill_cache`` / ``decode``), generated from the template in this file. It keeps the
-   library's conventions (head grouping, RoPE, window and global-token masks), chooses its
-   backend as the library does (fused SDPA; FlexAttention on CUDA; the blocked window path
-   elsewhere) and uses the library's parameter names, so one state_dict loads into either.
+   ``prefill_cache`` / ``decode``), generated from the library's own source (spec.py, masks.py,
+   attention.py inlined), so it runs the library's code path for path and one state_dict loads
+   into either.
 2. ``config.json``: the spec and where it came from; `load_layer` turns it back into the
    library's `SparseQueryAttention` (with the weights, when the export has them).
 3. ``weights.pt`` (with ``--weights`` / ``--weights-from FILE``): a state_dict loadable into
@@ -82,396 +81,91 @@ class ExportResult:
 
 
 # ===== the standalone module ======================================================================
-# The module is a generated header (provenance), the imports, the constants, then _TEMPLATE_BODY,
-# which reads only those constants. It mirrors sqa_search.attention path for path, so the two agree to
-# rounding: any change to the library's numerics must be made here too (tests/test_export.py
-# compares them in a fresh interpreter that cannot import sqa_search).
-_TEMPLATE_IMPORTS = """
-import functools
-from dataclasses import dataclass
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-"""
-
-_TEMPLATE_BODY = r'''
-__all__ = ["SparseQueryAttention", "KVCache", "CONFIG", "load", "rope_tables", "apply_rope"]
-
-CONFIG = dict(
-    d_model=D_MODEL, n_heads=N_HEADS, n_q_heads=N_Q_HEADS, n_kv_heads=N_KV_HEADS, head_dim=HEAD_DIM,
-    window=WINDOW, n_global=N_GLOBAL, causal=CAUSAL, rope=ROPE, bias=BIAS,
-)
-N_ATTN_HEADS = max(N_Q_HEADS, N_KV_HEADS)  # heads the attention itself runs with
-# "gqa": query head h reads KV head h // (H_q / H_kv), SDPA's enable_gqa layout;
-# "uneven": H_kv does not divide H_q, query head h reads KV head h * H_kv // H_q;
-# "reverse": H_q < H_kv, KV head g is read by query head g * H_q // H_kv (query heads shared).
-if N_Q_HEADS < N_KV_HEADS:
-    GROUPING = "reverse"
-elif N_Q_HEADS % N_KV_HEADS == 0:
-    GROUPING = "gqa"
-else:
-    GROUPING = "uneven"
-KV_HEAD_OF_QUERY = [h * N_KV_HEADS // N_Q_HEADS for h in range(N_Q_HEADS)]
-QUERY_HEAD_OF_KV = [g * N_Q_HEADS // N_KV_HEADS for g in range(N_KV_HEADS)]
-
-ROPE_BASE = 10000.0
-MIN_BLOCK = 64  # smallest query block of the blocked window path
-BACKENDS = ("auto", "sdpa", "blocked", "flex")
-_SDP_KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+# Generated from the library's own layer source, so there is one implementation: spec.py, masks.py
+# (when present) and attention.py are inlined in that order (they import only the standard library,
+# torch and each other), their imports of each other and repeated `from __future__` lines dropped,
+# then the configuration and `load()` are appended. tests/test_export.py runs the result in a fresh
+# interpreter that cannot import sqa_search and compares it with the library layer.
+LAYER_MODULES = ("spec", "masks", "attention")  # inlined in this order; masks.py is optional
+_OPTIONAL_MODULES = ("masks",)
 
 
-# ----- RoPE (rotate-half layout; angles in float32, float64 for float64 inputs) -------------------
-def rope_tables(positions, head_dim, dtype):
-    exact = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=exact) / head_dim))
-    angles = positions.to(exact)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+def _module_source(name: str) -> str | None:
+    """The source of sqa_search/<name>.py as installed (None for an optional module that is absent)."""
+    from importlib import resources
 
-
-def apply_rope(x, cos, sin):
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-# ----- helpers ---------------------------------------------------------------------------------
-def _tracing():
-    compiler = getattr(torch, "compiler", None)
-    if compiler is None:
-        return False
-    if getattr(compiler, "is_exporting", lambda: False)():
-        return True
-    return getattr(compiler, "is_compiling", lambda: False)()
-
-
-def _sdp_kernel(q, k, v, **kw):
-    """Name of the SDPA kernel PyTorch will pick (private API; best effort)."""
     try:
-        return _SDP_KERNELS.get(int(torch._fused_sdp_choice(q, k, v, **kw)), "unknown")
-    except Exception:
-        return "unknown"
+        return resources.files(__package__).joinpath(f"{name}.py").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if name in _OPTIONAL_MODULES:
+            return None
+        raise
 
 
-def _native_gqa_ok(q, k, v, causal):
-    """SDPA's enable_gqa only on CUDA and only where it keeps a fused kernel (CPU expands K/V:
-    measured faster there)."""
-    if not q.is_cuda or q.shape[1] == k.shape[1] or q.shape[1] % k.shape[1]:
-        return False
-    if _tracing():
-        return True
-    return _sdp_kernel(q, k, v, is_causal=causal, enable_gqa=True) not in ("math", "unknown")
+def _inline(name: str, text: str) -> str:
+    """A module's source with its intra-package imports and `from __future__` lines taken out.
 
+    A relative import that renames (``from .masks import causal as _causal``) becomes an
+    assignment, so the inlined code still finds the name. An import of the package by its name
+    is refused: the exported file must stand alone.
+    """
+    import ast
 
-def _pair_mask(q_pos, k_pos, causal, window):
-    """True where key k_pos is visible to query q_pos. Causal: i - W < j <= i (W keys, itself
-    included); bidirectional: |i - j| < W."""
-    if causal:
-        ok = k_pos <= q_pos
-        if window is not None:
-            ok = ok & (q_pos - k_pos < window)
-        return ok
-    if window is None:
-        return torch.ones_like(q_pos - k_pos, dtype=torch.bool)
-    return (q_pos - k_pos).abs() < window
-
-
-@functools.lru_cache(maxsize=1)
-def _flex_available():
-    try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(n, n_global, window, causal, device):
-    """Block mask over keys [sequence (n); global tokens (n_global)], cached per shape."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        is_global = kv_idx >= n
-        if causal:
-            ok = kv_idx <= q_idx
-            if window is not None:
-                ok = ok & (q_idx - kv_idx < window)
-        elif window is not None:
-            ok = (q_idx - kv_idx).abs() < window
+    replace: dict[int, tuple[int, list[str]]] = {}  # first line -> (last line, replacement lines)
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or node.module == "__future__"):
+            indent = " " * node.col_offset
+            aliases = [f"{indent}{a.asname} = {a.name}" for a in node.names
+                       if node.level > 0 and a.asname and a.asname != a.name]
+            # an import alone in a function body leaves a `pass`, so the body stays valid
+            replace[node.lineno] = (node.end_lineno, aliases or ([f"{indent}pass"] if node.col_offset else []))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            if any(m == "sqa_search" or m.startswith("sqa_search.") for m in modules):
+                raise ExportError(f"sqa_search/{name}.py line {node.lineno} imports sqa_search itself; the layer's "
+                                  f"modules ({', '.join(LAYER_MODULES)}) may import only the standard library, "
+                                  f"torch and each other (relative imports)")
+    lines, out, i = text.splitlines(), [], 1
+    while i <= len(lines):
+        if i in replace:
+            last, new = replace[i]
+            out += new
+            i = last + 1
         else:
-            ok = kv_idx >= 0
-        return is_global | ok
-
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n + n_global, device=device)
-
-
-@dataclass
-class KVCache:
-    """Keys and values for decode, (B, H_kv, capacity, head_dim) each; a window keeps a ring of W."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    length: int = 0
-
-    @property
-    def filled(self):
-        return min(self.length, self.k.shape[2])
+            out.append(lines[i - 1])
+            i += 1
+    return "\n".join(out).strip("\n") + "\n"
 
 
-# ----- the layer -------------------------------------------------------------------------------
-class SparseQueryAttention(nn.Module):
-    """(batch, N, D_MODEL) -> (batch, N, D_MODEL) with N_Q_HEADS query and N_KV_HEADS key/value heads.
+def library_layer_source() -> str:
+    """spec.py, masks.py and attention.py inlined into one source text (see above)."""
+    parts = []
+    for name in LAYER_MODULES:
+        text = _module_source(name)
+        if text is not None:
+            parts.append(f"# {'=' * 30} inlined from sqa_search/{name}.py {'=' * 30}\n" + _inline(name, text))
+    return "\n\n".join(parts)
 
-    backend: "auto" (fused SDPA for full attention; FlexAttention on CUDA for windows and
-    global tokens; the blocked window path elsewhere), or force "sdpa", "blocked" or "flex".
-    The path that ran is in ``last_backend``.
+
+_APPENDIX = '''
+SPEC = AttentionSpec(d_model=D_MODEL, n_heads=N_HEADS, n_q_heads=N_Q_HEADS, n_kv_heads=N_KV_HEADS,
+                     head_dim=HEAD_DIM, window=WINDOW, n_global=N_GLOBAL, causal=CAUSAL, rope=ROPE, bias=BIAS)
+CONFIG = SPEC.to_dict()
+_LibraryLayer = SparseQueryAttention
+
+
+class SparseQueryAttention(_LibraryLayer):
+    """The library's layer (above, unchanged) built with this export's configuration.
+
+    backend: "auto" (fused SDPA for full attention; FlexAttention on CUDA for windows and global
+    tokens; the blocked window path elsewhere) or a backend the library allows forcing. The path
+    that ran is in ``last_backend``. Parameter names are the library's: a state_dict loads into either.
     """
 
-    def __init__(self, backend="auto", device=None, dtype=None):
-        super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend={backend!r} is not known: choose one of {', '.join(BACKENDS)}")
-        if backend == "flex" and WINDOW is None and N_GLOBAL == 0:
-            raise ValueError("backend='flex' needs a window or global tokens; full attention runs on sdpa")
-        self.backend = backend
-        d, hd = D_MODEL, HEAD_DIM
-        kw = dict(device=device, dtype=dtype)
-        self.q_proj = nn.Linear(d, N_Q_HEADS * hd, bias=BIAS, **kw)
-        self.k_proj = nn.Linear(d, N_KV_HEADS * hd, bias=BIAS, **kw)
-        self.v_proj = nn.Linear(d, N_KV_HEADS * hd, bias=BIAS, **kw)
-        self.o_proj = nn.Linear(N_ATTN_HEADS * hd, d, bias=BIAS, **kw)
-        if N_GLOBAL:
-            self.global_tokens = nn.Parameter(torch.randn(N_GLOBAL, d, **kw) * 0.02)
-        else:
-            self.register_parameter("global_tokens", None)
-        self.register_buffer("_kv_index", torch.tensor(KV_HEAD_OF_QUERY, device=device), persistent=False)
-        self.register_buffer("_q_index", torch.tensor(QUERY_HEAD_OF_KV, device=device), persistent=False)
-        self.last_backend = None
-
-    def extra_repr(self):
-        return ", ".join(f"{k}={v}" for k, v in CONFIG.items()) + f", backend={self.backend!r}"
-
-    # -- shapes --
-    def _heads(self, x, n_heads):
-        b, n, _ = x.shape
-        return x.view(b, n, n_heads, HEAD_DIM).transpose(1, 2)
-
-    def _merge(self, o):
-        b, h, n, hd = o.shape
-        return o.transpose(1, 2).reshape(b, n, h * hd)
-
-    def _group(self, q, k, v, allow_native_gqa):
-        """q, k, v brought to the same head count (or k/v left grouped for enable_gqa)."""
-        if GROUPING == "reverse":
-            return q.index_select(1, self._q_index), k, v, False
-        if N_Q_HEADS == N_KV_HEADS or (GROUPING == "gqa" and allow_native_gqa):
-            return q, k, v, N_Q_HEADS != N_KV_HEADS
-        return q, self._expand_kv(k), self._expand_kv(v), False
-
-    def _expand_kv(self, t):
-        if GROUPING == "reverse" or N_Q_HEADS == N_KV_HEADS:
-            return t
-        if GROUPING == "gqa":
-            return t.repeat_interleave(N_Q_HEADS // N_KV_HEADS, dim=1)
-        return t.index_select(1, self._kv_index)
-
-    def _global_kv(self, batch, k_seq=None, v_seq=None, dtype=None):
-        """Global tokens' keys and values. Causal: the learned tokens (they see nothing).
-        Bidirectional: they first read the whole sequence (Longformer style)."""
-        tokens = self.global_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
-        if not CAUSAL:
-            q_g = self._heads(self.q_proj(tokens), N_Q_HEADS)
-            k_all = torch.cat([k_seq, self._heads(self.k_proj(tokens), N_KV_HEADS)], dim=2)
-            v_all = torch.cat([v_seq, self._heads(self.v_proj(tokens), N_KV_HEADS)], dim=2)
-            q_g, k_all, v_all, _ = self._group(q_g, k_all, v_all, allow_native_gqa=False)
-            o_g = F.scaled_dot_product_attention(q_g, k_all, v_all)
-            tokens = tokens + self.o_proj(self._merge(o_g))
-        return self._heads(self.k_proj(tokens), N_KV_HEADS), self._heads(self.v_proj(tokens), N_KV_HEADS)
-
-    def choose_backend(self, x):
-        if self.backend != "auto":
-            return self.backend
-        windowed = WINDOW is not None and WINDOW < x.shape[1]
-        if not windowed and N_GLOBAL == 0:
-            return "sdpa"
-        if x.is_cuda and _flex_available():
-            return "flex"
-        return "blocked" if windowed else "sdpa-masked"
-
-    def forward(self, x):
-        if x.dim() != 3 or x.shape[-1] != D_MODEL:
-            raise ValueError(f"input must be (batch, N, d_model={D_MODEL}); got shape {tuple(x.shape)}")
-        b, n, _ = x.shape
-        q = self._heads(self.q_proj(x), N_Q_HEADS)
-        k = self._heads(self.k_proj(x), N_KV_HEADS)
-        v = self._heads(self.v_proj(x), N_KV_HEADS)
-        if ROPE:
-            cos, sin = rope_tables(torch.arange(n, device=x.device), HEAD_DIM, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        g_kv = self._global_kv(b, k, v, q.dtype) if N_GLOBAL else None
-
-        backend = self.choose_backend(x)
-        if backend == "sdpa" and N_GLOBAL == 0:
-            o, name = self._full(q, k, v)
-        elif backend == "flex":
-            o, name = self._flex(q, k, v, g_kv)
-        elif backend == "blocked" or (backend == "sdpa" and WINDOW is not None):
-            o, name = self._blocked(q, k, v, g_kv)
-        else:
-            o, name = self._masked(q, k, v, g_kv)
-        if not _tracing():
-            self.last_backend = name
-        return self.o_proj(self._merge(o))
-
-    # -- full attention: SDPA's fused kernels --
-    def _full(self, q, k, v):
-        native = _native_gqa_ok(q, k, v, CAUSAL)
-        q, k, v, gqa = self._group(q, k, v, allow_native_gqa=native)
-        name = "sdpa"
-        if not _tracing():
-            name = f"sdpa/{_sdp_kernel(q, k, v, is_causal=CAUSAL, enable_gqa=gqa)}" + ("+gqa" if gqa else "")
-        if gqa:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL, enable_gqa=True), name
-        return F.scaled_dot_product_attention(q, k, v, is_causal=CAUSAL), name
-
-    # -- full attention plus global tokens, dense (N, N+G) mask (off CUDA) --
-    def _masked(self, q, k, v, g_kv):
-        n = q.shape[2]
-        q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
-        gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-        k, v = torch.cat([k, gk], dim=2), torch.cat([v, gv], dim=2)
-        pos = torch.arange(n, device=q.device)
-        seq_mask = _pair_mask(pos[:, None], pos[None, :], CAUSAL, WINDOW)
-        mask = torch.cat([seq_mask, seq_mask.new_ones(n, g_kv[0].shape[2])], dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "sdpa-masked"
-
-    # -- sliding window without an N x N mask: query blocks attend to their neighbouring key blocks --
-    def _blocked(self, q, k, v, g_kv):
-        w = WINDOW
-        q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
-        bsz, h, n, hd = q.shape
-        blk = max(w, MIN_BLOCK)
-        nb = -(-n // blk)
-        before, after = blk, (blk if not CAUSAL else 0)
-        span = (before + blk + after) // blk
-        pad_q = nb * blk - n
-
-        qb = F.pad(q, (0, 0, 0, pad_q)).view(bsz, h, nb, blk, hd)
-        kp = F.pad(k, (0, 0, before, pad_q + after))
-        vp = F.pad(v, (0, 0, before, pad_q + after))
-        kb = kp.unfold(2, span * blk, blk).transpose(-1, -2)  # (B, H, nb, span*blk, hd)
-        vb = vp.unfold(2, span * blk, blk).transpose(-1, -2)
-
-        q_pos = torch.arange(nb * blk, device=q.device).view(nb, blk, 1)
-        k_pos = (torch.arange(nb, device=q.device).view(nb, 1, 1) * blk - before
-                 + torch.arange(span * blk, device=q.device).view(1, 1, -1))
-        mask = _pair_mask(q_pos, k_pos, CAUSAL, w) & (k_pos >= 0) & (k_pos < n)
-        mask = mask | (q_pos >= n)  # padded query rows see anything (they are discarded)
-
-        qf = qb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, blk, hd)
-        kf = kb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, span * blk, hd)
-        vf = vb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, span * blk, hd)
-        maskf = mask.unsqueeze(0).expand(bsz, -1, -1, -1).reshape(bsz * nb, 1, blk, span * blk)
-        if g_kv is not None:
-            gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-            g = gk.shape[2]
-            kf = torch.cat([kf, gk.repeat_interleave(nb, dim=0)], dim=2)
-            vf = torch.cat([vf, gv.repeat_interleave(nb, dim=0)], dim=2)
-            maskf = torch.cat([maskf, maskf.new_ones(bsz * nb, 1, blk, g)], dim=-1)
-        name = "blocked"
-        if not _tracing():
-            name = f"blocked/{_sdp_kernel(qf, kf, vf, attn_mask=maskf)}"
-        of = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=maskf)
-        o = of.view(bsz, nb, h, blk, hd).permute(0, 2, 1, 3, 4).reshape(bsz, h, nb * blk, hd)
-        return o[:, :, :n], name
-
-    # -- FlexAttention (compiled on CUDA; eager elsewhere, which materialises N x N) --
-    def _flex(self, q, k, v, g_kv):
-        from torch.nn.attention.flex_attention import flex_attention
-
-        n = q.shape[2]
-        gqa_native = GROUPING == "gqa" and N_Q_HEADS != N_KV_HEADS
-        q, k, v, gqa = self._group(q, k, v, allow_native_gqa=gqa_native)
-        n_global = 0
-        if g_kv is not None:
-            gk, gv = g_kv if gqa else (self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1]))
-            n_global = gk.shape[2]
-            k, v = torch.cat([k, gk], dim=2), torch.cat([v, gv], dim=2)
-        block_mask = _flex_block_mask(n, n_global, WINDOW, CAUSAL, str(q.device))
-        compiled = q.is_cuda
-        fn = _compiled_flex() if compiled else flex_attention
-        o = fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-        return o, "flex-compiled" if compiled else "flex-eager"
-
-    # -- decode: one new token against the cache --
-    def new_cache(self, batch, capacity, device=None, dtype=None):
-        """An empty cache for up to `capacity` tokens (a window caps it at W)."""
-        if WINDOW is not None:
-            capacity = min(capacity, WINDOW)
-        shape = (batch, N_KV_HEADS, capacity, HEAD_DIM)
-        dtype = dtype or self.k_proj.weight.dtype
-        device = device or self.k_proj.weight.device
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-
-    def prefill_cache(self, x, cache):
-        """Write the keys and values of a whole prompt x (B, N, d) into the cache."""
-        n = x.shape[1]
-        k = self._heads(self.k_proj(x), N_KV_HEADS)
-        v = self._heads(self.v_proj(x), N_KV_HEADS)
-        if ROPE:
-            cos, sin = rope_tables(torch.arange(n, device=x.device), HEAD_DIM, k.dtype)
-            k = apply_rope(k, cos, sin)
-        cap = cache.k.shape[2]
-        keep = min(n, cap)
-        slots = torch.arange(n - keep, n, device=x.device) % cap
-        cache.k[:, :, slots] = k[:, :, n - keep:]
-        cache.v[:, :, slots] = v[:, :, n - keep:]
-        cache.length = n
-
-    def decode(self, x, cache):
-        """One new token x (B, 1, d) at position cache.length; updates the cache in place."""
-        if not CAUSAL:
-            raise ValueError("decode needs a causal layer: a bidirectional layer has no next token")
-        if x.dim() != 3 or x.shape[1] != 1:
-            raise ValueError(f"decode takes one token, shape (batch, 1, d_model); got {tuple(x.shape)}")
-        b = x.shape[0]
-        pos = cache.length
-        q = self._heads(self.q_proj(x), N_Q_HEADS)
-        k = self._heads(self.k_proj(x), N_KV_HEADS)
-        v = self._heads(self.v_proj(x), N_KV_HEADS)
-        if ROPE:
-            cos, sin = rope_tables(torch.tensor([pos], device=x.device), HEAD_DIM, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cap = cache.k.shape[2]
-        if WINDOW is None and pos >= cap:
-            raise ValueError(f"KV cache is full: capacity {cap} tokens, position {pos}")
-        slot = pos % cap
-        cache.k[:, :, slot] = k[:, :, 0]
-        cache.v[:, :, slot] = v[:, :, 0]
-        cache.length = pos + 1
-        ks, vs = cache.k[:, :, : cache.filled], cache.v[:, :, : cache.filled]
-        if N_GLOBAL:
-            gk, gv = self._global_kv(b, dtype=q.dtype)
-            ks, vs = torch.cat([ks, gk], dim=2), torch.cat([vs, gv], dim=2)
-        if GROUPING == "gqa" and N_Q_HEADS > N_KV_HEADS:
-            # fold each group of query heads onto the query axis: the grouped cache is read as is
-            group = N_Q_HEADS // N_KV_HEADS
-            o = F.scaled_dot_product_attention(q.view(b, N_KV_HEADS, group, HEAD_DIM), ks, vs)
-            o, name = o.reshape(b, N_Q_HEADS, 1, HEAD_DIM), "decode/sdpa-grouped"
-        else:
-            q, ks, vs, _ = self._group(q, ks, vs, allow_native_gqa=False)
-            o, name = F.scaled_dot_product_attention(q, ks, vs), "decode/sdpa"
-        if not _tracing():
-            self.last_backend = name
-        return self.o_proj(self._merge(o))
+    def __init__(self, backend="auto", device=None, dtype=None, *, spec=None):
+        super().__init__(SPEC if spec is None else spec, backend=backend)
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
 
 def load(weights=None, backend="auto", device=None, dtype=None):
@@ -481,6 +175,9 @@ def load(weights=None, backend="auto", device=None, dtype=None):
         state = torch.load(weights, map_location=device or "cpu", weights_only=True)
         layer.load_state_dict(state)
     return layer
+
+
+__all__ = ["SparseQueryAttention", "KVCache", "AttentionSpec", "SPEC", "CONFIG", "LABEL", "load"]
 '''
 
 
@@ -489,7 +186,8 @@ def _py(value) -> str:
 
 
 def render_module(spec: AttentionSpec, *, provenance: str = "", module_name: str = DEFAULT_MODULE) -> str:
-    """The standalone module's source for `spec` (depends only on torch)."""
+    """The standalone module's source for `spec` (depends only on torch): the library's layer source
+    inlined, this configuration's constants, a `SparseQueryAttention` built with it, and `load()`."""
     if not isinstance(spec, AttentionSpec):
         raise ExportError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
     lines = [
@@ -506,13 +204,14 @@ def render_module(spec: AttentionSpec, *, provenance: str = "", module_name: str
         "layout when H_kv divides H_q); rSQA (H_q < H_kv) shares query heads instead. Causal window:",
         "key j is visible to query i iff i - W < j <= i; bidirectional: |i - j| < W. Global tokens have",
         "no position; causal ones see nothing of the sequence, bidirectional ones read it first.",
-        "Parameter names match sqa_search.SparseQueryAttention, so a state_dict loads into either.",
+        "The code below is sqa_search's own (spec.py, masks.py, attention.py, inlined by the exporter),",
+        "so parameter names match sqa_search.SparseQueryAttention and a state_dict loads into either.",
         "torch.export traces every path at a fixed shape; a dynamic sequence length works for full",
         "attention (the windowed path specialises on its number of blocks).",
         "",
         "Usage:",
         f"    from {module_name} import load",
-        f"    layer = load(\"weights.pt\")            # or SparseQueryAttention() for fresh weights",
+        '    layer = load("weights.pt")            # or SparseQueryAttention() for fresh weights',
         f"    y = layer(torch.randn(2, 1024, {spec.d_model}))",
     ]
     if provenance:
@@ -521,7 +220,7 @@ def render_module(spec: AttentionSpec, *, provenance: str = "", module_name: str
     header = "\n".join(lines) + "\n"
     constants = "\n".join([
         "",
-        "# ----- the configuration ---------------------------------------------------------------------",
+        f"# {'=' * 30} this export's configuration {'=' * 30}",
         f"D_MODEL = {_py(spec.d_model)}",
         f"N_HEADS = {_py(spec.n_heads)}  # the baseline H the configuration was chosen against",
         f"N_Q_HEADS = {_py(spec.n_q_heads)}",
@@ -534,7 +233,9 @@ def render_module(spec: AttentionSpec, *, provenance: str = "", module_name: str
         f"BIAS = {_py(spec.bias)}",
         f"LABEL = {_py(spec.label)}",
     ]) + "\n"
-    return header + _TEMPLATE_IMPORTS + constants + _TEMPLATE_BODY
+    source = header + "\nfrom __future__ import annotations\n\n" + library_layer_source() + constants + _APPENDIX
+    compile(source, f"{module_name}.py", "exec")  # a generation bug fails here, not at the user's import
+    return source
 
 
 # ===== choosing the configuration =================================================================
@@ -1013,42 +714,89 @@ def export_recommendation(recommendation, out, **kwargs) -> ExportResult:
 
 # ===== loading ======================================================================================
 def load_config(path) -> tuple[dict, Path]:
-    """(config dict, its folder) from an export folder or its config.json. Raises ExportError."""
+    """(config dict, its folder) from an export folder or its config.json.
+
+    Raises ExportError naming the file, what is wrong and what is expected: a missing or
+    unreadable file, JSON that is not an sqa-search export, a format_version this version cannot
+    read, a spec or a weights entry of the wrong form.
+    """
     path = Path(path)
     config_path = path / CONFIG_FILE if path.is_dir() else path
     if not config_path.is_file():
         raise ExportError(f"no exported layer at {str(path)!r}: {config_path.name} is missing "
                           f"(give the export folder or its {CONFIG_FILE})")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"{config_path} is not valid JSON: {exc}") from None
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{config_path} is not valid JSON ({exc}): expected the {CONFIG_FILE} "
+                          f"`sqa-search export` writes") from None
+    except OSError as exc:
+        raise ExportError(f"{config_path} cannot be read: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ExportError(f"{config_path} is not an sqa-search export (format {FORMAT!r} expected)")
-    if config.get("format_version", 0) > FORMAT_VERSION:
-        raise ExportError(f"{config_path} has format_version {config['format_version']}; this sqa-search reads "
-                          f"up to {FORMAT_VERSION}: upgrade sqa-search")
+        found = config.get("format") if isinstance(config, dict) else f"a JSON {type(config).__name__}"
+        raise ExportError(f"{config_path} is not an sqa-search export: format is {found!r}, {FORMAT!r} expected")
+    version = config.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ExportError(f"{config_path}: format_version={version!r} is not allowed: an integer from 1 to "
+                          f"{FORMAT_VERSION} expected")
+    if version > FORMAT_VERSION:
+        raise ExportError(f"{config_path} has format_version {version}; this sqa-search reads up to "
+                          f"{FORMAT_VERSION}: upgrade sqa-search")
+    if not isinstance(config.get("spec"), dict):
+        raise ExportError(f"{config_path}: spec={config.get('spec')!r} is not allowed: a JSON object with the "
+                          f"AttentionSpec fields expected")
+    weights = config.get("weights")
+    if weights is not None and (not isinstance(weights, str) or not weights or Path(weights).name != weights):
+        raise ExportError(f"{config_path}: weights={weights!r} is not allowed: null or a file name in the export "
+                          f"folder (e.g. {WEIGHTS_FILE!r}) expected")
     return config, config_path.parent
+
+
+def _read_weights(path: Path, spec: AttentionSpec, layer, map_location) -> dict:
+    """The exported state_dict at `path`, checked against the layer built from the config's spec."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExportError(f"{path} cannot be read as a state_dict ({reason[:200]}): expected the "
+                          f"{WEIGHTS_FILE} `sqa-search export --weights` writes") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ExportError(f"{path} holds a {type(state).__name__}, not a state_dict of tensors")
+    wanted = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    missing = sorted(set(wanted) - set(state))
+    unexpected = sorted(set(state) - set(wanted))
+    shapes = [f"{k} {tuple(state[k].shape)} (expected {wanted[k]})" for k in sorted(set(wanted) & set(state))
+              if tuple(state[k].shape) != wanted[k]]
+    if missing or unexpected or shapes:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected {', '.join(unexpected)}"] if unexpected else []) + (
+            [f"wrong shape {'; '.join(shapes)}"] if shapes else [])
+        raise ExportError(f"{path} does not fit the spec in {CONFIG_FILE} ({spec.label}): " + "; ".join(parts))
+    return state
 
 
 def load_layer(path, *, backend: str = "auto", weights: bool = True, map_location="cpu"):
     """An export folder (or its config.json) -> the library's `SparseQueryAttention`, with the
-    exported weights when there are some (weights=False: freshly initialised)."""
-    import torch
-
+    exported weights when there are some (weights=False: freshly initialised). A damaged export
+    raises ExportError naming the file, what is wrong and what is expected."""
     from .attention import SparseQueryAttention
 
     config, folder = load_config(path)
     try:
         spec = AttentionSpec.from_dict(config["spec"])
     except (KeyError, TypeError, SpecError) as exc:
-        raise ExportError(f"{folder / CONFIG_FILE}: bad spec: {exc}") from None
+        raise ExportError(f"{folder / CONFIG_FILE}: spec is not a valid AttentionSpec ({exc})") from None
     layer = SparseQueryAttention(spec, backend=backend)
     if weights and config.get("weights"):
         wpath = folder / config["weights"]
         if not wpath.is_file():
-            raise ExportError(f"{folder / CONFIG_FILE} names weights {config['weights']!r} but {wpath} is missing")
-        layer.load_state_dict(torch.load(wpath, map_location=map_location, weights_only=True))
+            raise ExportError(f"{folder / CONFIG_FILE} names weights {config['weights']!r} but {wpath} is missing: "
+                              f"copy it beside {CONFIG_FILE}, or load with weights=False")
+        layer.load_state_dict(_read_weights(wpath, spec, layer, map_location))
     return layer.to(map_location) if map_location is not None else layer
 
 
@@ -1057,7 +805,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what = parser.add_argument_group("which configuration (one of --trial, --pick, --spec)")
     what.add_argument("--study", help="a study folder, e.g. studies/quickstart (with --trial or --pick)")
     what.add_argument("--trial", type=int, help="the study's trial number to export")
-    what.add_argument("--pick", help="a rule over the study's complete trials: " + _PICK_HELP.replace("%", "%%"))  # argparse formats help with %
+    # argparse %-formats help strings: the rule's "X%" must be escaped or --help crashes
+    what.add_argument("--pick", help=f"a rule over the study's complete trials: {_PICK_HELP.replace('%', '%%')}")
     what.add_argument("--spec", help="a spec given directly: a variant name (sqa, ssqa, swsqa, ...), "
                                      "'q/kv[/W[/G]]', or a JSON object of AttentionSpec fields")
     spec = parser.add_argument_group("with --spec")

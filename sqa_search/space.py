@@ -14,7 +14,7 @@ model:
 target:
   hardware: local                # local = measure on this machine; or a cost-model profile (predicted)
   device: auto                   # auto | cpu | cuda | cuda:N (for hardware: local)
-  dtype: float32                 # float32 | bfloat16 | float16
+  dtype: null                    # float32 | bfloat16 | float16; null = bfloat16 on CUDA, float32 on CPU
   batch: 1
   seq_len: 1024                  # an integer, or a list: latency is then the sum over lengths
   mode: prefill                  # train | prefill | decode
@@ -63,7 +63,7 @@ import yaml
 from .spec import VARIANTS, AttentionSpec, SpecError, _variant_heads
 from .errors import UserError
 
-__all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key"]
+__all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype"]
 
 MODES = ("train", "prefill", "decode")
 WHATS = ("layer", "block", "model")
@@ -71,6 +71,28 @@ DTYPES = ("float32", "bfloat16", "float16")
 QUALITIES = ("val_loss", "mqar_accuracy")
 STUDY_MODES = ("pareto", "constrained")
 SAMPLERS = ("nsga2", "tpe", "gp", "random")
+
+
+def default_dtype(device_type: str) -> str:
+    """The target dtype when a space names none: bfloat16 on CUDA, float32 on CPU.
+
+    In float32 on CUDA, SDPA has no flash kernel (it takes the efficient or math path) and
+    grouped K/V are expanded, so a float32 GPU timing would not time what a GPU user runs.
+    """
+    return "bfloat16" if device_type == "cuda" else "float32"
+
+
+def _target_device_type(hardware: str, device: str) -> str:
+    """cuda or cpu: the device a target's timings run on (local) or its profile describes."""
+    if hardware != "local":
+        from .cost import load_profile
+
+        return load_profile(hardware).device_type
+    if device == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return "cuda" if device.startswith("cuda") else "cpu"
 
 
 class SpaceError(UserError):
@@ -368,7 +390,9 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
         raise t.error("device", device, "choose auto, cpu, cuda or cuda:N")
     mode = t.choice("mode", "prefill", MODES)
     target = TargetSection(
-        hardware=hardware, device=device, dtype=t.choice("dtype", "float32", DTYPES),
+        hardware=hardware, device=device,
+        dtype=t.choice("dtype", None, DTYPES) if t.data.get("dtype") is not None
+        else default_dtype(_target_device_type(hardware, device)),
         batch=t.int("batch", 1), seq_len=_int_list(t, "seq_len", [1024], 1, False), mode=mode,
         what=t.choice("what", "layer", WHATS), threads=t.int("threads", None, optional=True),
         timing_budget_s=t.float("timing_budget_s", 1.0),

@@ -37,12 +37,18 @@ Method, and why:
   median), ``warmup-unsettled`` (warm-up hit its cap before two consecutive calls agreed
   within 10 %: typical of a busy machine), ``machine-busy`` (CPU: the speed correction
   scaled the repeats by more than 1.5x, see below).
-* Peak memory is measured in one extra, untimed call after the timed repeats. CUDA: the
-  allocator's peak (``max_memory_allocated``), which includes weights, inputs and KV cache.
-  CPU has no allocator statistics: the peak resident set size above the resident set before
-  the call (kernel ``VmHWM`` after ``clear_refs``, with free heap returned by ``malloc_trim``
-  first), plus the bytes of the resident weights, inputs and cache. It is labelled
-  approximate: the C library may reuse memory the kernel already counts.
+* Peak memory is measured in one extra, untimed call after the timed repeats, with one
+  definition on both devices: the bytes of the resident weights, inputs and cache, plus the
+  peak rise above what was in use just before the call. CUDA: ``max_memory_allocated`` after
+  ``reset_peak_memory_stats`` minus ``memory_allocated`` before the call, so masks cached by
+  earlier calls, other trials' tensors and the allocator's cache do not count. CPU has no
+  allocator statistics: the peak resident set size above the resident set before the call
+  (kernel ``VmHWM`` after ``clear_refs``, with free heap returned by ``malloc_trim`` first),
+  labelled approximate: the C library may reuse memory the kernel already counts.
+* CUDA events are created and recorded on the timed tensors' device (``cuda:1`` times
+  ``cuda:1``'s stream, not the current device's), and SDPA's kernel choice
+  (``torch._fused_sdp_choice``, which the layer calls to name its backend) is looked up once
+  in the warm-up and replayed in the timed repeats, so its host-side cost is not timed.
 
 Cache: one JSON file per key under ``<cache dir>/<fingerprint id>/<key>.json``. The default
 directory is ``~/.cache/sqa_search/timings``; the environment variable ``SQA_SEARCH_CACHE``
@@ -630,18 +636,20 @@ def _malloc_trim() -> None:
 
 
 CPU_MEM_KIND = "cpu-rss-peak-delta + resident tensor bytes (approximate)"
-CUDA_MEM_KIND = "cuda-allocator-peak"
+CUDA_MEM_KIND = "cuda-allocator-peak-delta + resident tensor bytes"
 
 
 def _peak_memory(job: _Job, dev: torch.device) -> tuple[int | None, str]:
     """Peak bytes of one untimed call; see the module docstring for what each kind counts."""
     if dev.type == "cuda":
+        job.before()
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        job.before()
+        before = torch.cuda.memory_allocated(dev)
         job.step()
         torch.cuda.synchronize(dev)
-        return int(torch.cuda.max_memory_allocated(dev)), CUDA_MEM_KIND
+        rise = int(torch.cuda.max_memory_allocated(dev)) - before
+        return job.resident_bytes + max(0, rise), CUDA_MEM_KIND
     try:
         gc.collect()
         _malloc_trim()
@@ -656,30 +664,109 @@ def _peak_memory(job: _Job, dev: torch.device) -> tuple[int | None, str]:
     return job.resident_bytes + max(0, peak - rss0), CPU_MEM_KIND
 
 
-def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int, min_repeats: int,
-             warmup_max: int, flush_l2: bool, probe=None, reference=None) -> dict:
-    """Warm up, time the repeats, summarise; with a `probe`, correct each repeat for machine speed."""
-    cuda = dev.type == "cuda"
+def _timer(job: _Job, dev: torch.device, flush_l2: bool):
+    """A function that runs the job once (its untimed `before`, then the timed step) -> seconds.
+
+    CUDA: an event pair recorded on `dev`'s current stream, inside ``torch.cuda.device(dev)``
+    (a bare ``Event().record()`` records on the *current* device's stream, so timing cuda:1
+    from a process whose current device is cuda:0 would time an idle stream).
+    """
+    if dev.type != "cuda":
+        def one() -> float:
+            job.before()
+            t0 = time.perf_counter()
+            job.step()
+            return time.perf_counter() - t0
+
+        return one
+
     flush = None
-    if cuda and flush_l2:
+    if flush_l2:
         props = torch.cuda.get_device_properties(dev)
         l2 = int(getattr(props, "L2_cache_size", 0) or 0)
         flush = torch.empty(max(L2_FLUSH_BYTES, 2 * l2), dtype=torch.uint8, device=dev)
 
     def one() -> float:
-        job.before()
-        if cuda:
+        with torch.cuda.device(dev):
+            job.before()
             if flush is not None:
                 flush.zero_()
+            stream = torch.cuda.current_stream(dev)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+            start.record(stream)
             job.step()
-            end.record()
+            end.record(stream)
             end.synchronize()
             return start.elapsed_time(end) / 1000.0
-        t0 = time.perf_counter()
-        job.step()
-        return time.perf_counter() - t0
+
+    return one
+
+
+class _SdpChoiceReplay:
+    """Answers ``torch._fused_sdp_choice`` during the timed repeats from the last warm-up call.
+
+    The layer asks SDPA which kernel it will pick (to name its backend and, on CUDA, to keep
+    K/V grouped or not) on every call; that host-side query is detection, not attention. One
+    job's calls ask the same questions in the same order (same inputs, same layer), so the
+    answers of the last warm-up call are recorded in order and replayed by position in each
+    timed call: a list lookup instead of torch's checks. A call that asks more questions than
+    were recorded asks torch.
+    """
+
+    def __init__(self, original):
+        self.original = original
+        self.answers: list = []
+        self.recording = True
+        self.position = 0
+
+    def start_call(self, recording: bool) -> None:
+        self.recording, self.position = recording, 0
+        if recording:
+            self.answers = []
+
+    def __call__(self, *args, **kwargs):
+        if self.recording:
+            answer = self.original(*args, **kwargs)
+            self.answers.append(answer)
+            return answer
+        if self.position < len(self.answers):
+            self.position += 1
+            return self.answers[self.position - 1]
+        return self.original(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _sdp_choice_replay():
+    """Install a `_SdpChoiceReplay` in place of ``torch._fused_sdp_choice`` (None if torch has none)."""
+    original = getattr(torch, "_fused_sdp_choice", None)
+    if original is None:  # the private API moved: the layer cannot ask it, nothing to take out
+        yield None
+        return
+    replay = _SdpChoiceReplay(original)
+    torch._fused_sdp_choice = replay
+    try:
+        yield replay
+    finally:
+        torch._fused_sdp_choice = original
+
+
+def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int, min_repeats: int,
+             warmup_max: int, flush_l2: bool, probe=None, reference=None) -> dict:
+    """Warm up, time the repeats, summarise; with a `probe`, correct each repeat for machine speed."""
+    with _sdp_choice_replay() as replay:
+        return _measure_repeats(job, dev, replay, budget_s=budget_s, max_repeats=max_repeats,
+                                min_repeats=min_repeats, warmup_max=warmup_max, flush_l2=flush_l2, probe=probe,
+                                reference=reference)
+
+
+def _measure_repeats(job: _Job, dev: torch.device, replay, *, budget_s: float, max_repeats: int,
+                     min_repeats: int, warmup_max: int, flush_l2: bool, probe=None, reference=None) -> dict:
+    timed_call = _timer(job, dev, flush_l2)
+
+    def one(warmup: bool = False) -> float:
+        if replay is not None:
+            replay.start_call(recording=warmup)
+        return timed_call()
 
     flags: list[str] = []
     dyn0 = _dynamo_counts()
@@ -689,7 +776,7 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
     w_start = time.perf_counter()
     settled = False
     while True:
-        warm.append(one())
+        warm.append(one(warmup=True))
         if len(warm) >= WARMUP_MIN:
             a, b = warm[-2], warm[-1]
             if abs(a - b) <= WARMUP_TOLERANCE * min(a, b):
@@ -722,7 +809,7 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
         if done:
             break
     dyn2 = _dynamo_counts()
-    del flush
+    one = timed_call = None  # noqa: F841 - frees the L2 flush buffer before the memory call
 
     seen = _backend_parts(backends)
     if len(set(backends)) > 1:
@@ -740,6 +827,8 @@ def _measure(job: _Job, dev: torch.device, *, budget_s: float, max_repeats: int,
     figures, repeat_flags = _summarise(times, speeds)
     flags += repeat_flags
 
+    if replay is not None:
+        replay.start_call(recording=False)
     peak, mem_kind = _peak_memory(job, dev)
     return {
         **figures,

@@ -172,3 +172,10 @@ def test_parse_seq_lens():
     assert bench.parse_seq_lens("4096, 1k,4k") == [1024, 4096]
     with pytest.raises(bench.BenchError, match="--seq-lens"):
         bench.parse_seq_lens(" , ")
+
+
+def test_variants_take_global_tokens_as_a_fourth_field():
+    from sqa_search.bench import parse_variants
+
+    (spec,) = parse_variants("8/4/128/16", d_model=256, n_heads=16, window=64, causal=True)
+    assert (spec.n_q_heads, spec.n_kv_heads, spec.window, spec.n_global) == (8, 4, 128, 16)

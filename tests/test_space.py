@@ -105,3 +105,15 @@ def test_fingerprint_ignores_study_size_but_not_the_target():
     b = space_from_dict(_with(study={"trials": 50}))
     c = space_from_dict(_with(target={"seq_len": 4096}))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+@pytest.mark.parametrize("target, expected", [
+    ({"device": "cpu"}, "float32"),
+    ({"device": "cuda"}, "bfloat16"),  # fp32 on a GPU would time SDPA without its flash kernel
+    ({"device": "cuda:1"}, "bfloat16"),
+    ({"hardware": "h100"}, "bfloat16"),  # a GPU profile predicts its 16-bit kernels
+    ({"hardware": "cpu-generic"}, "float32"),
+    ({"device": "cuda", "dtype": "float32"}, "float32"),  # an explicit dtype is kept
+])
+def test_target_dtype_defaults_to_the_devices_fast_dtype(target, expected):
+    assert space_from_dict(_with(target=target)).target.dtype == expected
