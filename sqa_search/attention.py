@@ -574,6 +574,10 @@ def _run_compiled_flex(q, k, v, block_mask, enable_gqa):
             out, compiled = _compiled_flex(signature)(q, k, v, block_mask, enable_gqa)
     except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
         raise FlexFallbackError(f"compiled FlexAttention hit dynamo's recompile limit and would run eagerly: {exc}") from exc
+    except RuntimeError as exc:  # fullgraph=True's own check when every frame was skipped
+        if "no compiled frames" not in str(exc):
+            raise
+        raise FlexFallbackError(f"compiled FlexAttention ran eagerly (torch.compile disabled?): {exc}"[:600]) from exc
     if not compiled:
         raise FlexFallbackError(
             "compiled FlexAttention ran eagerly (torch.compile disabled? TORCH_COMPILE_DISABLE or "
