@@ -186,7 +186,7 @@ def test_mask_first_built_under_inference_mode_serves_training():
 def test_compiled_flex_matches_reference_over_several_blocks(causal, heads, window, n_global):
     """N = 300: three query blocks, so the BlockMask's partial and full blocks and the mask_mod
     all take part; the tolerance sees a window off by one."""
-    spec = AttentionSpec(64, 4, heads[0], heads[1], window=window, n_global=n_global, causal=causal)
+    spec = AttentionSpec(64, 8, heads[0], heads[1], head_dim=16, window=window, n_global=n_global, causal=causal)
     layer, diffs = _float32_against_reference(spec, 300, "flex")
     assert layer.last_backend == "flex-compiled"
     assert diffs[0] < FLOAT32_ATOL and min(diffs[-1], diffs[1]) > 10 * FLOAT32_ATOL, diffs
