@@ -122,7 +122,7 @@ def test_blocked_path_over_several_blocks_matches_reference(heads, window, n_glo
     assert layer.last_backend.startswith("blocked/")
 
 
-def _float32_against_reference(spec, n, backend, **layer_kw):
+def _float32_against_reference(spec, n, backend):
     """Max |layer - reference| in float32 at the spec's window, and at windows one off."""
     layer = SparseQueryAttention(spec, backend=backend)
     x = torch.randn(1, n, spec.d_model)
@@ -296,15 +296,28 @@ def test_decode_rejects_bidirectional_and_full_cache():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["sqa", "xsqa", "lsqa", "swsqa", "flexsqa"])
 def test_cuda_paths_match_reference(name):
-    spec = AttentionSpec.variant(name, d_model=128, n_heads=8)
+    """bf16 forward and backward on CUDA against the float64 reference; windows take compiled flex."""
+    spec = AttentionSpec.variant(name, d_model=128, n_heads=8)  # head_dim 16: compiled flex allowed
     layer = SparseQueryAttention(spec).cuda().to(torch.bfloat16)
-    x = torch.randn(2, 300, 128, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 300, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = layer(x)
-    ref = reference(SparseQueryAttention(spec).double().requires_grad_(False), x.double().cpu())
-    ref_layer_state = {k: v.double().cpu() for k, v in layer.state_dict().items()}
     ref_layer = SparseQueryAttention(spec).double()
-    ref_layer.load_state_dict(ref_layer_state)
-    ref = reference(ref_layer, x.double().cpu())
-    torch.testing.assert_close(out.double().cpu(), ref, atol=6e-2, rtol=6e-2)
+    ref_layer.load_state_dict({k: v.double().cpu() for k, v in layer.state_dict().items()})
+    x_ref = x.detach().double().cpu().requires_grad_(True)
+    ref = reference(ref_layer, x_ref)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=3e-2, rtol=3e-2)
+    grad_out = torch.randn_like(ref)
+    out.backward(grad_out.to("cuda", torch.bfloat16))
+    ref.backward(grad_out)
+    torch.testing.assert_close(x.grad.double().cpu(), x_ref.grad, atol=5e-2, rtol=5e-2)
     if spec.window:
         assert layer.last_backend == "flex-compiled"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_small_head_dim_windows_take_the_blocked_path():
+    spec = AttentionSpec(64, 8, 4, 2, window=32, n_global=2)  # head_dim 8: no compiled flex
+    layer = SparseQueryAttention(spec).cuda()
+    layer(torch.randn(1, 200, 64, device="cuda"))
+    assert layer.last_backend.startswith("blocked/")

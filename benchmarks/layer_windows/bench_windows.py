@@ -12,7 +12,7 @@ forward+backward; N = 4096 and 16384.
   for this timing, not copied: global tokens are prepended to the queries only; the global
   queries attend to all keys; then a Python loop over 128-token query chunks, each attending
   (SDPA, no mask, RxNN's ``is_causal`` flag) to keys [start - 128, end + 128); outputs
-  concatenated, projected, the global rows dropped. Note what that algorithm computes: chunked
+  concatenated, projected, the global rows dropped. RoPE as RxNN's ``_rotate`` does it. Note what that algorithm computes: chunked
   neighbourhoods rather than a per-token sliding window, no attention from the sequence to the
   global tokens, and with is_causal a top-left-aligned triangle inside each chunk. It is the
   speed baseline the issue names, not a correct layer.
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from sqa_search.attention import SparseQueryAttention, apply_rope, rope_tables  # noqa: E402
+from sqa_search.attention import SparseQueryAttention  # noqa: E402
 from sqa_search.spec import AttentionSpec  # noqa: E402
 
 D_MODEL, HEADS, Q_HEADS, KV_HEADS, WINDOW, GLOBALS = 256, 16, 8, 8, 128, 16
@@ -64,10 +64,20 @@ class RxNNFlexSQA(torch.nn.Module):
         self.v_proj = torch.nn.Linear(D_MODEL, KV_HEADS * self.hd, bias=False)
         self.out_proj = torch.nn.Linear(Q_HEADS * self.hd, D_MODEL)
         self.global_tokens = torch.nn.Parameter(torch.randn(1, GLOBALS, D_MODEL))
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, self.hd, 2).float() / self.hd))
+        self.register_buffer("freqs", torch.outer(torch.arange(1 << 18).float(), inv_freq))
 
     def _heads(self, t, h):
         b, n, _ = t.shape
         return t.view(b, n, h, self.hd).transpose(1, 2)
+
+    def _rope(self, x):
+        """RxNN's RotaryPositionalEmbedding._rotate: interleaved pairs, cos/sin of cached
+        frequencies evaluated on every call."""
+        freqs = self.freqs[None, None, : x.shape[-2]]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat((x1 * torch.cos(freqs) - x2 * torch.sin(freqs),
+                          x1 * torch.sin(freqs) + x2 * torch.cos(freqs)), dim=-1)
 
     def _sdpa(self, q, k, v):
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, enable_gqa=Q_HEADS != KV_HEADS)
@@ -77,8 +87,7 @@ class RxNNFlexSQA(torch.nn.Module):
         g = self.global_tokens.expand(b, -1, -1)
         q = self._heads(self.q_proj(torch.cat([g, x], 1)), Q_HEADS)
         k, v = self._heads(self.k_proj(x), KV_HEADS), self._heads(self.v_proj(x), KV_HEADS)
-        cos, sin = rope_tables(torch.arange(n + GLOBALS), self.hd, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos[:n], sin[:n])  # RxNN ropes q and k separately
+        q, k = self._rope(q), self._rope(k)  # RxNN ropes q (globals first) and k separately
         global_q, local_q = q[:, :, :GLOBALS], q[:, :, GLOBALS:]
         outs = [self._sdpa(global_q, k, v)]
         for start in range(0, n, WINDOW):
