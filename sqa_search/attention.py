@@ -71,6 +71,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _pair_halves(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Output rows of a q/k projection reordered so each head's dims i and i + head_dim/2 (the
+    pair rotate-half RoPE rotates together) sit side by side: (i, i + half) -> (2i, 2i + 1)."""
+    half = head_dim // 2
+    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
+
+
+def _rope_paired(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (..., N, H, head_dim) whose dims are in `_pair_halves` order: one
+    complex multiply per pair instead of the eager formula's neg, cat, two muls and an add.
+    Exactly apply_rope's rotation: (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos)."""
+    cos, sin = rope_tables(positions, x.shape[-1], torch.float64 if x.dtype == torch.float64 else torch.float32)
+    half = x.shape[-1] // 2
+    rotation = torch.complex(cos[:, None, :half], sin[:, None, :half])  # (N, 1, half)
+    exact = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no complex bf16/fp16
+    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation)
+    return rotated.flatten(-2).to(x.dtype)
+
+
 # ----- helpers -------------------------------------------------------------------------------
 def _sdp_kernel(q, k, v, **kw) -> str:
     """Name of the SDPA kernel PyTorch will pick for these inputs (private API; best effort)."""
@@ -140,6 +160,13 @@ class SparseQueryAttention(nn.Module):
             self.global_tokens = nn.Parameter(torch.randn(spec.n_global, d) * 0.02)
         else:
             self.register_parameter("global_tokens", None)
+        # With RoPE, q and k are projected with their output rows reordered (_pair_halves) so that
+        # RoPE is one complex multiply. Scores are sums over head dims, so the order of dims,
+        # the same for q and k, changes nothing; v and the output projection keep theirs.
+        q_order = _pair_halves(spec.n_q_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
+        k_order = _pair_halves(spec.n_kv_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("_q_order", q_order, persistent=False)
+        self.register_buffer("_k_order", k_order, persistent=False)
         self.register_buffer("_kv_index", torch.tensor(spec.kv_head_of_query), persistent=False)
         self.register_buffer("_q_index", torch.tensor(spec.query_head_of_kv), persistent=False)
         self.rule = Visibility(spec.causal, spec.window)
@@ -150,6 +177,26 @@ class SparseQueryAttention(nn.Module):
         self.register_buffer("_unfold", unfold, persistent=False)
         self.last_backend: str | None = None
         self._mask_cache: dict = {}  # blocked-path masks by shape; not state, not saved
+
+    # -- projections: (B, N, d) -> (B, H, N, hd), roped at `positions` (None: no RoPE) --
+    def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, positions=None):
+        if not self.spec.rope:
+            return self._heads(proj(x), n_heads)
+        if x.shape[0] * x.shape[1] <= x.shape[2]:  # few tokens (decode): reorder the outputs
+            t = proj(x).index_select(-1, order)
+        else:  # many tokens: reorder the (smaller) weight rows
+            bias = None if proj.bias is None else proj.bias.index_select(0, order)
+            t = F.linear(x, proj.weight.index_select(0, order), bias)
+        t = t.unflatten(-1, (n_heads, self.spec.head_dim))
+        if positions is not None:
+            t = _rope_paired(t, positions)
+        return t.transpose(1, 2)
+
+    def _q(self, x, positions=None):
+        return self._project_qk(x, self.q_proj, self._q_order, self.spec.n_q_heads, positions)
+
+    def _k(self, x, positions=None):
+        return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, positions)
 
     # -- shapes --
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -191,14 +238,14 @@ class SparseQueryAttention(nn.Module):
         spec = self.spec
         tokens = self.global_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         if not spec.causal:
-            q_g = self._heads(self.q_proj(tokens), spec.n_q_heads)
-            k_all = torch.cat([k_seq, self._heads(self.k_proj(tokens), spec.n_kv_heads)], dim=2)
+            q_g = self._q(tokens)  # global tokens have no position: no RoPE
+            k_all = torch.cat([k_seq, self._k(tokens)], dim=2)
             v_all = torch.cat([v_seq, self._heads(self.v_proj(tokens), spec.n_kv_heads)], dim=2)
             q_g, k_all, v_all, _ = self._group(q_g, k_all, v_all, allow_native_gqa=False)
             o_g = F.scaled_dot_product_attention(q_g, k_all, v_all)
             tokens = tokens + self.o_proj(self._merge(o_g))
         return (
-            self._heads(self.k_proj(tokens), spec.n_kv_heads),
+            self._k(tokens),
             self._heads(self.v_proj(tokens), spec.n_kv_heads),
         )
 
@@ -222,12 +269,9 @@ class SparseQueryAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != spec.d_model:
             raise ValueError(f"input must be (batch, N, d_model={spec.d_model}); got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        q = self._heads(self.q_proj(x), spec.n_q_heads)
-        k = self._heads(self.k_proj(x), spec.n_kv_heads)
+        positions = torch.arange(n, device=x.device)
+        q, k = self._q(x, positions), self._k(x, positions)
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        if spec.rope:
-            cos, sin = rope_tables(torch.arange(n, device=x.device), spec.head_dim, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global else None
 
         backend = self.choose_backend(x)
@@ -338,11 +382,8 @@ class SparseQueryAttention(nn.Module):
         """Write the keys and values of a whole prompt x (B, N, d) into the cache."""
         spec = self.spec
         n = x.shape[1]
-        k = self._heads(self.k_proj(x), spec.n_kv_heads)
+        k = self._k(x, torch.arange(n, device=x.device))
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        if spec.rope:
-            cos, sin = rope_tables(torch.arange(n, device=x.device), spec.head_dim, k.dtype)
-            k = apply_rope(k, cos, sin)
         cap = cache.capacity
         keep = min(n, cap)
         slots = cache.n_global + torch.arange(n - keep, n, device=x.device) % cap
@@ -364,12 +405,9 @@ class SparseQueryAttention(nn.Module):
         pos, cap = cache.length, cache.capacity
         if spec.window is None and pos >= cap:
             raise ValueError(f"KV cache is full: capacity {cap} tokens, position {pos}")
-        q = self._heads(self.q_proj(x), spec.n_q_heads)
-        k = self._heads(self.k_proj(x), spec.n_kv_heads)
+        position = torch.arange(pos, pos + 1, device=x.device)
+        q, k = self._q(x, position), self._k(x, position)
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        if spec.rope:
-            cos, sin = rope_tables(torch.arange(pos, pos + 1, device=x.device), spec.head_dim, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         slot = cache.n_global + pos % cap
         cache.k[:, :, slot] = k[:, :, 0]
         cache.v[:, :, slot] = v[:, :, 0]
@@ -483,9 +521,11 @@ class _SlotPlan:
         return buffer.unfold(1, self.span, self.slot).permute(1, 0, 3, 2)
 
     def unblock(self, o: torch.Tensor, shape) -> torch.Tensor:
-        """(nb, B*H, blk, hd) -> (B, H, N, hd)."""
+        """(nb, B*H, blk, hd) -> (B, H, N, hd), a view of a (B, N, H, hd) tensor: the one copy
+        here is the layout the output projection reads, so merging heads copies nothing more."""
         b, h, n, hd = shape
-        return o.transpose(0, 1).reshape(b, h, self.nb * self.blk, hd)[:, :, :n]
+        tokens_first = o.view(self.nb, b, h, self.blk, hd).permute(1, 0, 3, 2, 4).reshape(b, self.nb * self.blk, h, hd)
+        return tokens_first[:, :n].transpose(1, 2)
 
     def mask(self, rule: Visibility, device, dtype) -> torch.Tensor:
         """Additive mask (0 visible, -inf hidden), (nb, 1, blk, span), from the shared rule.
