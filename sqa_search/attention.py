@@ -6,9 +6,9 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
   kernel's own ``enable_gqa`` where that keeps a fused kernel, and expand K/V where the grouped
   call would fall to the math path (or, on CPU, where expanding is measurably faster).
 * ``blocked``: sliding window (and global tokens) without an N x N mask: queries in blocks of
-  ``b >= W`` tokens each read a window of key "slots" (each slot: the G global tokens, then b
-  sequence tokens) in one batched SDPA call on strided views, so cost is linear in N, forward
-  and backward, on any device, and the keys are copied once, not once per block.
+  ~W/2 tokens each read the few key blocks their window needs plus the global tokens, as one
+  contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few batched SDPA calls
+  on plain views: cost linear in N, forward and backward, on any device, keys copied once.
 * ``flex``: compiled FlexAttention with a BlockMask built from KV block indices (never an N x N
   mask); the default for windows and global tokens on CUDA (head_dim >= 16), forward and
   backward. On CPU torch 2.13 compiles the forward only. ``last_backend`` is ``flex-compiled``
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from .masks import FLEX_BLOCK, Visibility, flex_kv_blocks, visibility_mask
+from .masks import FLEX_BLOCK, BlockedLayout, Visibility, flex_kv_blocks, visibility_mask
 from .spec import AttentionSpec, SpecError
 
 __all__ = ["SparseQueryAttention", "KVCache", "FlexFallbackError", "apply_rope", "rope_tables", "BACKENDS"]
@@ -43,9 +43,6 @@ BACKENDS = ("auto", "sdpa", "blocked", "flex", "flex-eager")
 # Inductor's CPU and CUDA flex kernels are not implemented below this head size (torch 2.13).
 FLEX_MIN_HEAD_DIM = 16
 ROPE_BASE = 10000.0
-# Smallest query block for the blocked path: tiny windows would otherwise mean many tiny
-# matmuls whose overhead dominates; a larger block wastes a little arithmetic instead.
-MIN_BLOCK = 64
 
 _SDP_KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
@@ -320,7 +317,7 @@ class SparseQueryAttention(nn.Module):
         gk = gv = None
         if g_kv is not None:
             gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-        plan = _SlotPlan.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2])
+        plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2])
         qb, kb, vb = plan.queries(q), plan.keys(k, gk), plan.keys(v, gv)
         masks = self._slot_mask(plan, q.device, q.dtype)
         p = plan.phases
@@ -464,98 +461,6 @@ def _decode_folding(spec: AttentionSpec):
     fold = [members + [members[-1]] * (rows - len(members)) for members in groups]
     unfold = [g * rows + members.index(h) for g, members in enumerate(groups) for h in members]
     return torch.tensor(fold), torch.tensor(unfold)
-
-
-@dataclass(frozen=True)
-class _SlotPlan:
-    """The blocked path's layout for one sequence length.
-
-    Queries: nb blocks of blk tokens. Query block i reads the key blocks i - before .. i + after
-    (p = before + 1 + after blocks, enough for the window) and the G global tokens. Keys live
-    in one buffer of periods, each [G globals; p key blocks], so that any p consecutive key
-    blocks plus exactly one copy of the globals are one contiguous run of P = p*blk + G keys.
-    Query blocks of the same phase (i mod p) read non-overlapping runs at a fixed stride P, so
-    each phase is one SDPA call on a plain view: no copy per block, and the globals are scored
-    once per query row, not p times.
-    """
-
-    n: int
-    n_global: int
-    blk: int
-    before: int
-    after: int
-
-    @classmethod
-    def of(cls, rule: Visibility, n: int, n_global: int) -> "_SlotPlan":
-        # Blocks of ~W/2 waste fewer keys than blocks of W (a row scores p*blk + G keys; at
-        # W=128, G=16: 336 instead of 432 bidirectional, 208 instead of 288 causal), while
-        # SDPA's per-block overhead stays small; a multiple of 16 keeps its inner loops whole.
-        blk = -(-max(MIN_BLOCK, -(-rule.window // 2)) // 16) * 16
-        return cls(n, n_global, blk, -(-rule.back // blk), -(-rule.ahead // blk))
-
-    @property
-    def phases(self) -> int:
-        return self.before + 1 + self.after
-
-    @property
-    def nb(self) -> int:
-        """Query blocks, padded to a whole number of phases."""
-        return -(-self.n // (self.blk * self.phases)) * self.phases
-
-    @property
-    def period(self) -> int:
-        return self.n_global + self.phases * self.blk
-
-    def queries(self, q: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, hd) -> (nb, B*H, blk, hd)."""
-        b, h, n, hd = q.shape
-        padded = F.pad(q, (0, 0, 0, self.nb * self.blk - n))
-        return padded.reshape(b * h, self.nb, self.blk, hd).transpose(0, 1)
-
-    def keys(self, k: torch.Tensor, g: torch.Tensor | None) -> list:
-        """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views."""
-        b, h, n, hd = k.shape
-        periods = self.nb // self.phases + 1  # phases past 0 start inside a period and run into the next
-        pad_after = periods * self.phases * self.blk - self.before * self.blk - n
-        seq = F.pad(k, (0, 0, self.before * self.blk, pad_after)).reshape(b * h, periods, self.phases * self.blk, hd)
-        if g is not None:
-            glob = g.reshape(b * h, 1, self.n_global, hd).expand(-1, periods, -1, -1)
-            seq = torch.cat([glob, seq], dim=2)
-        buffer = seq.reshape(b * h, periods * self.period, hd)
-        runs = self.nb // self.phases
-        return [buffer[:, start:start + runs * self.period].reshape(b * h, runs, self.period, hd).transpose(0, 1)
-                for start in map(self._start, range(self.phases))]
-
-    def _start(self, phase: int) -> int:
-        """Buffer offset of a phase's first run: phase 0 starts at a copy of the globals."""
-        return 0 if phase == 0 else self.n_global + phase * self.blk
-
-    def unblock(self, outs: list, shape) -> torch.Tensor:
-        """Per phase (nb / p, B*H, blk, hd) -> (B, H, N, hd), a view of a (B, N, H, hd) tensor:
-        the one copy here is the layout the output projection reads (query block i is phase i mod p)."""
-        b, h, n, hd = shape
-        tokens_first = [o.view(-1, b, h, self.blk, hd).permute(1, 0, 3, 2, 4) for o in outs]  # (B, nb/p, blk, H, hd)
-        merged = torch.stack(tokens_first, dim=2).reshape(b, self.nb * self.blk, h, hd)
-        return merged[:, :n].transpose(1, 2)
-
-    def mask(self, rule: Visibility, phase: int, device, dtype) -> torch.Tensor:
-        """Additive mask (0 visible, -inf hidden) of one phase, (nb / p, 1, blk, P), from the shared rule.
-
-        Each run position is mapped to its index in the rule's key axis [sequence; globals]
-        (-1 for padding), then the rule decides.
-        """
-        n, g, blk, p = self.n, self.n_global, self.blk, self.phases
-        block = (torch.arange(self.nb // p, device=device) * p + phase).view(-1, 1, 1, 1)  # query block index
-        q_idx = block * blk + torch.arange(blk, device=device).view(1, 1, blk, 1)
-        col = torch.arange(self.period, device=device)
-        g_start = 0 if phase == 0 else (p - phase) * blk  # where this phase's runs hold the globals
-        is_global = (col >= g_start) & (col < g_start + g)
-        t = torch.where(col < g_start, col, col - g)  # position among the run's p key blocks
-        token = (block + t // blk - self.before) * blk + t % blk
-        kv_idx = torch.where(is_global, n + col - g_start, torch.where(token < n, token, torch.full_like(token, -1)))
-        visible = visibility_mask(rule, n, g)(None, None, q_idx, kv_idx)
-        visible = visible | (q_idx >= n)  # padded query rows: anything, so no row is empty (discarded)
-        return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
 
 
 def _native_gqa_ok(q, k, v, causal: bool) -> bool:

@@ -1,8 +1,8 @@
 """The visibility rule, defined once: which keys a query may read (causal, window, global tokens).
 
-Every path that needs the rule takes it from here: the blocked path's additive mask, the
-FlexAttention ``mask_mod`` and its block indices, and the analytic counts of `AttentionSpec`
-(FLOPs over visible pairs). Only the float64 reference in `sqa_search.reference` writes the
+Every path that needs the rule takes it from here: the blocked path's layout and additive
+masks (`BlockedLayout`), the FlexAttention ``mask_mod`` and its block indices, and the analytic
+counts of `AttentionSpec` (FLOPs over visible pairs). Only the float64 reference in `sqa_search.reference` writes the
 rule out again, on purpose, so that it can catch a mistake here.
 
 The rule (see `AttentionSpec`): key j of the sequence is visible to query i iff
@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
+    "BlockedLayout",
     "Visibility",
     "and_masks",
     "or_masks",
@@ -41,6 +43,9 @@ __all__ = [
 ]
 
 FLEX_BLOCK = 128  # FlexAttention's default sparse block (torch 2.13)
+# Smallest query block of the blocked path: tiny windows would otherwise mean many tiny
+# matmuls whose overhead dominates; a larger block wastes a little arithmetic instead.
+MIN_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -179,3 +184,99 @@ def _indices(blocks: torch.Tensor):
     # a stable sort puts the chosen block indices first, in increasing order
     order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     return counts[None, None], order[None, None]
+
+
+# ----- the blocked path's layout --------------------------------------------------------------
+@dataclass(frozen=True)
+class BlockedLayout:
+    """The blocked path's layout for one sequence length.
+
+    Queries: nb blocks of blk tokens. Query block i reads the key blocks i - before .. i + after
+    (p = before + 1 + after blocks, enough for the window) and the G global tokens. Keys live
+    in one buffer of periods, each [G globals; p key blocks], so that any p consecutive key
+    blocks plus exactly one copy of the globals are one contiguous run of P = p*blk + G keys.
+    Query blocks of the same phase (i mod p) read non-overlapping runs at a fixed stride P, so
+    each phase is one SDPA call on a plain view: no copy per block, and the globals are scored
+    once per query row, not p times.
+    """
+
+    n: int
+    n_global: int
+    blk: int
+    before: int
+    after: int
+
+    @classmethod
+    def of(cls, rule: Visibility, n: int, n_global: int) -> "BlockedLayout":
+        # Blocks of ~W/2 waste fewer keys than blocks of W (a row scores p*blk + G keys; at
+        # W=128, G=16: 336 instead of 432 bidirectional, 208 instead of 288 causal), while
+        # SDPA's per-block overhead stays small; a multiple of 16 keeps its inner loops whole.
+        blk = -(-max(MIN_BLOCK, -(-rule.window // 2)) // 16) * 16
+        return cls(n, n_global, blk, -(-rule.back // blk), -(-rule.ahead // blk))
+
+    @property
+    def phases(self) -> int:
+        return self.before + 1 + self.after
+
+    @property
+    def nb(self) -> int:
+        """Query blocks, padded to a whole number of phases."""
+        return -(-self.n // (self.blk * self.phases)) * self.phases
+
+    @property
+    def period(self) -> int:
+        return self.n_global + self.phases * self.blk
+
+    def queries(self, q: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, hd) -> (nb, B*H, blk, hd)."""
+        b, h, n, hd = q.shape
+        padded = F.pad(q, (0, 0, 0, self.nb * self.blk - n))
+        return padded.reshape(b * h, self.nb, self.blk, hd).transpose(0, 1)
+
+    def keys(self, k: torch.Tensor, g: torch.Tensor | None) -> list:
+        """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views."""
+        b, h, n, hd = k.shape
+        periods = self.nb // self.phases + 1  # phases past 0 start inside a period and run into the next
+        pad_after = periods * self.phases * self.blk - self.before * self.blk - n
+        seq = F.pad(k, (0, 0, self.before * self.blk, pad_after)).reshape(b * h, periods, self.phases * self.blk, hd)
+        if g is not None:
+            glob = g.reshape(b * h, 1, self.n_global, hd).expand(-1, periods, -1, -1)
+            seq = torch.cat([glob, seq], dim=2)
+        buffer = seq.reshape(b * h, periods * self.period, hd)
+        runs = self.nb // self.phases
+        return [buffer[:, start:start + runs * self.period].reshape(b * h, runs, self.period, hd).transpose(0, 1)
+                for start in map(self._start, range(self.phases))]
+
+    def _start(self, phase: int) -> int:
+        """Buffer offset of a phase's first run: phase 0 starts at a copy of the globals."""
+        return 0 if phase == 0 else self.n_global + phase * self.blk
+
+    def unblock(self, outs: list, shape) -> torch.Tensor:
+        """Per phase (nb / p, B*H, blk, hd) -> (B, H, N, hd), a view of a (B, N, H, hd) tensor:
+        the one copy here is the layout the output projection reads (query block i is phase i mod p)."""
+        b, h, n, hd = shape
+        tokens_first = [o.view(-1, b, h, self.blk, hd).permute(1, 0, 3, 2, 4) for o in outs]  # (B, nb/p, blk, H, hd)
+        merged = torch.stack(tokens_first, dim=2).reshape(b, self.nb * self.blk, h, hd)
+        return merged[:, :n].transpose(1, 2)
+
+    def key_index(self, phase: int, device=None):
+        """Query positions (runs, 1, blk, 1) of one phase and, for each position of their runs,
+        the key's index in the rule's key axis [sequence; globals] (runs, 1, 1, P), -1 for padding."""
+        n, g, blk, p = self.n, self.n_global, self.blk, self.phases
+        block = (torch.arange(self.nb // p, device=device) * p + phase).view(-1, 1, 1, 1)  # query block index
+        q_idx = block * blk + torch.arange(blk, device=device).view(1, 1, blk, 1)
+        col = torch.arange(self.period, device=device)
+        g_start = 0 if phase == 0 else (p - phase) * blk  # where this phase's runs hold the globals
+        is_global = (col >= g_start) & (col < g_start + g)
+        t = torch.where(col < g_start, col, col - g)  # position among the run's p key blocks
+        token = (block + t // blk - self.before) * blk + t % blk
+        kv_idx = torch.where(is_global, n + col - g_start, torch.where(token < n, token, torch.full_like(token, -1)))
+        return q_idx, kv_idx
+
+    def mask(self, rule: Visibility, phase: int, device, dtype) -> torch.Tensor:
+        """Additive mask (0 visible, -inf hidden) of one phase, (runs, 1, blk, P): the rule
+        applied to `key_index`."""
+        q_idx, kv_idx = self.key_index(phase, device)
+        visible = visibility_mask(rule, self.n, self.n_global)(None, None, q_idx, kv_idx)
+        visible = visible | (q_idx >= self.n)  # padded query rows: anything, so no row is empty (discarded)
+        return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))

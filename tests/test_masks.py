@@ -4,7 +4,7 @@ FlexAttention gets against a dense classification of every block."""
 import pytest
 import torch
 
-from sqa_search.masks import Visibility, flex_kv_blocks, visibility_mask, visible_pairs
+from sqa_search.masks import BlockedLayout, Visibility, flex_kv_blocks, visibility_mask, visible_pairs
 
 RULES = [Visibility(c, w) for c in (True, False) for w in (None, 1, 3, 8, 13)]
 
@@ -74,3 +74,20 @@ def test_block_indices_at_131k_are_quadratic_in_blocks_not_tokens():
     assert kv_idx.shape == (1, 1, 1024, 1025) and kv_idx.dtype == torch.int32
     # each query block touches its neighbours and the global tokens' block: a handful, not 1025
     assert int(kv_num.max()) + int(full_num.max()) <= 4
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r.window is not None], ids=str)
+@pytest.mark.parametrize("n,n_global", [(150, 0), (401, 3)])
+def test_blocked_layout_shows_each_query_exactly_its_keys_once(rule, n, n_global):
+    """Rebuilt from the blocked path's runs and masks, every query row sees each key the rule
+    admits exactly once (the globals too, though every run holds a copy) and nothing else."""
+    layout = BlockedLayout.of(rule, n, n_global)
+    seen = torch.zeros(n, n + n_global, dtype=torch.long)
+    for phase in range(layout.phases):
+        q_idx, kv_idx = layout.key_index(phase)
+        visible = layout.mask(rule, phase, None, torch.float32) == 0
+        rows, cols = q_idx.expand_as(visible), kv_idx.expand_as(visible)
+        keep = visible & (rows < n)
+        assert (cols[keep] >= 0).all()
+        seen.index_put_((rows[keep], cols[keep]), torch.ones(int(keep.sum()), dtype=torch.long), accumulate=True)
+    assert torch.equal(seen, _dense(rule, n, n_global).long())
