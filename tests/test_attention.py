@@ -193,6 +193,18 @@ def test_compiled_flex_matches_reference_over_several_blocks(causal, heads, wind
     assert diffs[0] < FLOAT32_ATOL and min(diffs[-1], diffs[1]) > 10 * FLOAT32_ATOL, diffs
 
 
+@pytest.mark.slow
+def test_compiled_flex_sweep_stays_compiled_past_the_recompile_limit():
+    """Recompile limit 1, three shapes in one process: each signature has its own compiled code
+    object, so none recompiles and none falls back to eager (20 specs: flex_many_specs.py)."""
+    spec = AttentionSpec(64, 4, 4, 2, window=40, n_global=1, causal=False)
+    layer = SparseQueryAttention(spec, backend="flex")
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad():
+        for n in (130, 200, 260):
+            layer(torch.randn(1, n, 64))
+            assert layer.last_backend == "flex-compiled"
+
+
 def test_flex_that_runs_eagerly_under_a_compiled_label_is_refused():
     """torch.compile disabled: the compiled callable runs the frame eagerly; the layer notices
     from the call's own result and refuses instead of saying 'flex-compiled'."""
