@@ -372,9 +372,10 @@ class SparseQueryAttention(nn.Module):
         cache = KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
                         n_global=spec.n_global)
         if spec.n_global and spec.causal:
-            gk, gv = self._global_kv(batch, dtype=dtype)
-            cache.k[:, :, : spec.n_global] = gk
-            cache.v[:, :, : spec.n_global] = gv
+            with torch.no_grad():  # a decode cache is state, not part of a graph to train through
+                gk, gv = self._global_kv(batch, dtype=dtype)
+                cache.k[:, :, : spec.n_global] = gk
+                cache.v[:, :, : spec.n_global] = gv
         return cache
 
     def prefill_cache(self, x: torch.Tensor, cache: KVCache) -> None:
