@@ -18,15 +18,15 @@ Global tokens sit after the sequence in the key axis (index >= n_seq) and every 
 Mask functions follow attention-gym's style: small functions that return a
 ``mask_mod(b, h, q_idx, kv_idx) -> bool tensor``, composed with `and_masks` / `or_masks`. They use
 only tensor operators, so they broadcast over index grids (the blocked path) and trace under
-torch.compile (FlexAttention).
+torch.compile (FlexAttention); this module needs torch only where it builds tensors.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
+# torch is imported inside the functions that build tensors: `spec` imports this module for
+# its counts, and importing `spec` must not pay for importing torch (see sqa_search/__init__).
 
 __all__ = [
     "BlockedLayout",
@@ -154,6 +154,8 @@ def flex_kv_blocks(rule: Visibility, n_seq: int, n_global: int, block: int = FLE
     of the KV block and both lie wholly inside the sequence; every other touched block is
     partial and gets the mask_mod. Work and memory are O((N / block)^2) integers.
     """
+    import torch
+
     n_kv = n_seq + n_global
     nq, nkv = -(-n_seq // block), -(-n_kv // block)
     q_first = torch.arange(nq, device=device) * block
@@ -180,6 +182,8 @@ def flex_kv_blocks(rule: Visibility, n_seq: int, n_global: int, block: int = FLE
 
 def _indices(blocks: torch.Tensor):
     """(nq, nkv) bool -> counts (1, 1, nq) and indices (1, 1, nq, nkv), chosen blocks first."""
+    import torch
+
     counts = blocks.sum(-1, dtype=torch.int32)
     # a stable sort puts the chosen block indices first, in increasing order
     order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
@@ -229,12 +233,17 @@ class BlockedLayout:
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         """(B, H, N, hd) -> (nb, B*H, blk, hd)."""
+        import torch.nn.functional as F
+
         b, h, n, hd = q.shape
         padded = F.pad(q, (0, 0, 0, self.nb * self.blk - n))
         return padded.reshape(b * h, self.nb, self.blk, hd).transpose(0, 1)
 
     def keys(self, k: torch.Tensor, g: torch.Tensor | None) -> list:
         """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views."""
+        import torch
+        import torch.nn.functional as F
+
         b, h, n, hd = k.shape
         periods = self.nb // self.phases + 1  # phases past 0 start inside a period and run into the next
         pad_after = periods * self.phases * self.blk - self.before * self.blk - n
@@ -254,6 +263,8 @@ class BlockedLayout:
     def unblock(self, outs: list, shape) -> torch.Tensor:
         """Per phase (nb / p, B*H, blk, hd) -> (B, H, N, hd), a view of a (B, N, H, hd) tensor:
         the one copy here is the layout the output projection reads (query block i is phase i mod p)."""
+        import torch
+
         b, h, n, hd = shape
         tokens_first = [o.view(-1, b, h, self.blk, hd).permute(1, 0, 3, 2, 4) for o in outs]  # (B, nb/p, blk, H, hd)
         merged = torch.stack(tokens_first, dim=2).reshape(b, self.nb * self.blk, h, hd)
@@ -262,6 +273,8 @@ class BlockedLayout:
     def key_index(self, phase: int, device=None):
         """Query positions (runs, 1, blk, 1) of one phase and, for each position of their runs,
         the key's index in the rule's key axis [sequence; globals] (runs, 1, 1, P), -1 for padding."""
+        import torch
+
         n, g, blk, p = self.n, self.n_global, self.blk, self.phases
         block = (torch.arange(self.nb // p, device=device) * p + phase).view(-1, 1, 1, 1)  # query block index
         q_idx = block * blk + torch.arange(blk, device=device).view(1, 1, blk, 1)
@@ -276,6 +289,8 @@ class BlockedLayout:
     def mask(self, rule: Visibility, phase: int, device, dtype) -> torch.Tensor:
         """Additive mask (0 visible, -inf hidden) of one phase, (runs, 1, blk, P): the rule
         applied to `key_index`."""
+        import torch
+
         q_idx, kv_idx = self.key_index(phase, device)
         visible = visibility_mask(rule, self.n, self.n_global)(None, None, q_idx, kv_idx)
         visible = visible | (q_idx >= self.n)  # padded query rows: anything, so no row is empty (discarded)
