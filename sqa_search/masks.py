@@ -24,6 +24,10 @@ torch.compile (FlexAttention); this module needs torch only where it builds tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 # torch is imported inside the functions that build tensors: `spec` imports this module for
 # its counts, and importing `spec` must not pay for importing torch (see sqa_search/__init__).
