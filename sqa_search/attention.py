@@ -6,35 +6,43 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
   kernel's own ``enable_gqa`` where that keeps a fused kernel, and expand K/V where the grouped
   call would fall to the math path (or, on CPU, where expanding is measurably faster).
 * ``blocked``: sliding window (and global tokens) without an N x N mask: queries in blocks of
-  ``b >= W`` tokens each attend to their own and the neighbouring key blocks in one batched
-  SDPA call, so cost is linear in N, forward and backward, on any device.
-* ``flex``: FlexAttention with a block mask; the default for windows and global tokens on CUDA,
-  where the compiled kernel runs forward and backward. On CPU it can be forced for checking:
-  eager flex materialises N x N and, in torch 2.13, has no backward on CPU (forward only).
-* ``sdpa-masked``: full attention plus global tokens off CUDA: an (N, N+G) boolean mask.
+  ~W/2 tokens each read the few key blocks their window needs plus the global tokens, as one
+  contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few batched SDPA calls
+  on plain views: cost linear in N, forward and backward, on any device, keys copied once.
+* ``flex``: compiled FlexAttention with a BlockMask built from KV block indices (never an N x N
+  mask); the default for windows and global tokens on CUDA (head_dim >= 16), forward and
+  backward. On CPU torch 2.13 compiles the forward only. ``last_backend`` is ``flex-compiled``
+  only when the compiled graph ran: the compiled call reports it itself, and an eager fallback
+  (dynamo's recompile limit, dynamo disabled) raises `FlexFallbackError` instead of running
+  N x N eagerly under a compiled label.
+* ``flex-eager``: uncompiled FlexAttention, forced only (it materialises N x N): for checking.
+* ``sdpa-masked``: SDPA with a dense (N, N+G) mask: full attention plus global tokens off CUDA,
+  or a forced ``sdpa`` on a windowed spec.
 
-Head grouping and mask conventions are defined in `sqa_search.spec`.
+Head grouping is defined in `sqa_search.spec`; the visibility rule (causal, window, global
+tokens) in `sqa_search.masks`, which every path here uses.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import types
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .masks import FLEX_BLOCK, BlockedLayout, Visibility, flex_kv_blocks, visibility_mask
 from .spec import AttentionSpec, SpecError
 
-__all__ = ["SparseQueryAttention", "KVCache", "apply_rope", "rope_tables", "BACKENDS"]
+__all__ = ["SparseQueryAttention", "KVCache", "FlexFallbackError", "apply_rope", "rope_tables", "BACKENDS"]
 
-BACKENDS = ("auto", "sdpa", "blocked", "flex")
+BACKENDS = ("auto", "sdpa", "blocked", "flex", "flex-eager")
+# Inductor's CPU and CUDA flex kernels are not implemented below this head size (torch 2.13).
+FLEX_MIN_HEAD_DIM = 16
 ROPE_BASE = 10000.0
-# Smallest query block for the blocked path: tiny windows would otherwise mean many tiny
-# matmuls whose overhead dominates; a larger block wastes a little arithmetic instead.
-MIN_BLOCK = 64
 
 _SDP_KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 
@@ -60,6 +68,26 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def _pair_halves(n_heads: int, head_dim: int) -> torch.Tensor:
+    """Output rows of a q/k projection reordered so each head's dims i and i + head_dim/2 (the
+    pair rotate-half RoPE rotates together) sit side by side: (i, i + half) -> (2i, 2i + 1)."""
+    half = head_dim // 2
+    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
+    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
+
+
+def _rope_paired(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE on x (..., N, H, head_dim) whose dims are in `_pair_halves` order: one
+    complex multiply per pair instead of the eager formula's neg, cat, two muls and an add.
+    Exactly apply_rope's rotation: (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos)."""
+    cos, sin = rope_tables(positions, x.shape[-1], torch.float64 if x.dtype == torch.float64 else torch.float32)
+    half = x.shape[-1] // 2
+    rotation = torch.complex(cos[:, None, :half], sin[:, None, :half])  # (N, 1, half)
+    exact = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no complex bf16/fp16
+    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation)
+    return rotated.flatten(-2).to(x.dtype)
+
+
 # ----- helpers -------------------------------------------------------------------------------
 def _sdp_kernel(q, k, v, **kw) -> str:
     """Name of the SDPA kernel PyTorch will pick for these inputs (private API; best effort)."""
@@ -73,21 +101,33 @@ def _tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
+class FlexFallbackError(RuntimeError):
+    """Compiled FlexAttention would run (or ran) eagerly: refused, since eager flex
+    materialises N x N scores and its timing is not the compiled kernel's."""
+
+
 @dataclass
 class KVCache:
-    """Keys and values for decode, (B, H_kv, capacity, head_dim) each.
+    """Keys and values for decode, (B, H_kv, n_global + capacity, head_dim) each.
 
-    A windowed spec keeps at most W tokens (a ring buffer: slot = position % W); RoPE is
-    applied before caching, so the order of slots does not matter to attention.
+    The first ``n_global`` slots hold the global tokens' keys and values (causal: fixed
+    projections, written once), so a step reads one contiguous slice and copies nothing. A
+    windowed spec keeps at most W sequence tokens after them (a ring buffer: slot = n_global +
+    position % W); RoPE is applied before caching, so the order of slots does not matter.
     """
 
     k: torch.Tensor
     v: torch.Tensor
-    length: int = 0  # tokens seen so far
+    length: int = 0  # sequence tokens seen so far
+    n_global: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2] - self.n_global
 
     @property
     def filled(self) -> int:
-        return min(self.length, self.k.shape[2])
+        return min(self.length, self.capacity)
 
 
 # ----- the layer -----------------------------------------------------------------------------
@@ -105,8 +145,7 @@ class SparseQueryAttention(nn.Module):
             raise TypeError(f"spec must be an AttentionSpec, got {type(spec).__name__}")
         if backend not in BACKENDS:
             raise SpecError(f"backend={backend!r} is not known: choose one of {', '.join(BACKENDS)}")
-        if backend == "flex" and spec.window is None and spec.n_global == 0:
-            raise SpecError("backend='flex' needs a window or global tokens; full attention runs on sdpa")
+        _check_forced_backend(spec, backend)
         self.spec = spec
         self.backend = backend
         d, hd = spec.d_model, spec.head_dim
@@ -118,10 +157,43 @@ class SparseQueryAttention(nn.Module):
             self.global_tokens = nn.Parameter(torch.randn(spec.n_global, d) * 0.02)
         else:
             self.register_parameter("global_tokens", None)
+        # With RoPE, q and k are projected with their output rows reordered (_pair_halves) so that
+        # RoPE is one complex multiply. Scores are sums over head dims, so the order of dims,
+        # the same for q and k, changes nothing; v and the output projection keep theirs.
+        q_order = _pair_halves(spec.n_q_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
+        k_order = _pair_halves(spec.n_kv_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
+        self.register_buffer("_q_order", q_order, persistent=False)
+        self.register_buffer("_k_order", k_order, persistent=False)
         self.register_buffer("_kv_index", torch.tensor(spec.kv_head_of_query), persistent=False)
         self.register_buffer("_q_index", torch.tensor(spec.query_head_of_kv), persistent=False)
+        self.rule = Visibility(spec.causal, spec.window)
+        # Decode folds query heads into groups per KV head: slot s of group g is query head
+        # _fold_q[g, s] (a short group repeats its last head); _unfold picks each head's slot back.
+        fold, unfold = _decode_folding(spec)
+        self.register_buffer("_fold_q", fold, persistent=False)
+        self.register_buffer("_unfold", unfold, persistent=False)
         self.last_backend: str | None = None
         self._mask_cache: dict = {}  # blocked-path masks by shape; not state, not saved
+
+    # -- projections: (B, N, d) -> (B, H, N, hd), roped at `positions` (None: no RoPE) --
+    def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, positions=None):
+        if not self.spec.rope:
+            return self._heads(proj(x), n_heads)
+        if x.shape[0] * x.shape[1] <= x.shape[2]:  # few tokens (decode): reorder the outputs
+            t = proj(x).index_select(-1, order)
+        else:  # many tokens: reorder the (smaller) weight rows
+            bias = None if proj.bias is None else proj.bias.index_select(0, order)
+            t = F.linear(x, proj.weight.index_select(0, order), bias)
+        t = t.unflatten(-1, (n_heads, self.spec.head_dim))
+        if positions is not None:
+            t = _rope_paired(t, positions)
+        return t.transpose(1, 2)
+
+    def _q(self, x, positions=None):
+        return self._project_qk(x, self.q_proj, self._q_order, self.spec.n_q_heads, positions)
+
+    def _k(self, x, positions=None):
+        return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, positions)
 
     # -- shapes --
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -163,25 +235,29 @@ class SparseQueryAttention(nn.Module):
         spec = self.spec
         tokens = self.global_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         if not spec.causal:
-            q_g = self._heads(self.q_proj(tokens), spec.n_q_heads)
-            k_all = torch.cat([k_seq, self._heads(self.k_proj(tokens), spec.n_kv_heads)], dim=2)
+            q_g = self._q(tokens)  # global tokens have no position: no RoPE
+            k_all = torch.cat([k_seq, self._k(tokens)], dim=2)
             v_all = torch.cat([v_seq, self._heads(self.v_proj(tokens), spec.n_kv_heads)], dim=2)
             q_g, k_all, v_all, _ = self._group(q_g, k_all, v_all, allow_native_gqa=False)
             o_g = F.scaled_dot_product_attention(q_g, k_all, v_all)
             tokens = tokens + self.o_proj(self._merge(o_g))
         return (
-            self._heads(self.k_proj(tokens), spec.n_kv_heads),
+            self._k(tokens),
             self._heads(self.v_proj(tokens), spec.n_kv_heads),
         )
 
     def choose_backend(self, x: torch.Tensor) -> str:
+        """The path forward takes for x: 'sdpa', 'sdpa-masked', 'blocked', 'flex' or 'flex-eager'."""
         spec, n = self.spec, x.shape[1]
+        windowed = spec.window is not None and spec.window < n
+        sparse = spec.window is not None or spec.n_global > 0
+        if self.backend == "sdpa":
+            return "sdpa-masked" if sparse else "sdpa"  # the spec's mask, densely: correct, O(N^2)
         if self.backend != "auto":
             return self.backend
-        windowed = spec.window is not None and spec.window < n
         if not windowed and spec.n_global == 0:
             return "sdpa"
-        if x.is_cuda and _flex_available():
+        if x.is_cuda and spec.head_dim >= FLEX_MIN_HEAD_DIM:
             return "flex"
         return "blocked" if windowed else "sdpa-masked"
 
@@ -190,20 +266,17 @@ class SparseQueryAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != spec.d_model:
             raise ValueError(f"input must be (batch, N, d_model={spec.d_model}); got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        q = self._heads(self.q_proj(x), spec.n_q_heads)
-        k = self._heads(self.k_proj(x), spec.n_kv_heads)
+        positions = torch.arange(n, device=x.device)
+        q, k = self._q(x, positions), self._k(x, positions)
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        if spec.rope:
-            cos, sin = rope_tables(torch.arange(n, device=x.device), spec.head_dim, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global else None
 
         backend = self.choose_backend(x)
-        if backend == "sdpa" and spec.n_global == 0:
+        if backend == "sdpa":
             o, name = self._full(q, k, v)
-        elif backend == "flex":
-            o, name = self._flex(q, k, v, g_kv)
-        elif backend == "blocked" or (backend == "sdpa" and spec.window is not None):
+        elif backend in ("flex", "flex-eager"):
+            o, name = self._flex(q, k, v, g_kv, compiled=backend == "flex")
+        elif backend == "blocked":
             o, name = self._blocked(q, k, v, g_kv)
         else:
             o, name = self._masked(q, k, v, g_kv)
@@ -221,73 +294,49 @@ class SparseQueryAttention(nn.Module):
             name = f"sdpa/{_sdp_kernel(q, k, v, is_causal=causal, enable_gqa=gqa)}" + ("+gqa" if gqa else "")
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa), name
 
-    # -- full attention plus global tokens, dense mask (off CUDA only) --
+    # -- the spec's mask, densely: full attention plus global tokens off CUDA, forced sdpa --
     def _masked(self, q, k, v, g_kv):
         n = q.shape[2]
         q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
-        gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-        k, v = torch.cat([k, gk], dim=2), torch.cat([v, gv], dim=2)
-        pos = torch.arange(n, device=q.device)
-        seq_mask = _pair_mask(pos[:, None], pos[None, :], self.spec.causal, self.spec.window)
-        mask = torch.cat([seq_mask, seq_mask.new_ones(n, g_kv[0].shape[2])], dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "sdpa-masked"
+        n_global = 0
+        if g_kv is not None:
+            n_global = g_kv[0].shape[2]
+            k = torch.cat([k, self._expand_kv(g_kv[0])], dim=2)
+            v = torch.cat([v, self._expand_kv(g_kv[1])], dim=2)
+        q_idx = torch.arange(n, device=q.device)[:, None]
+        kv_idx = torch.arange(n + n_global, device=q.device)[None, :]
+        mask = visibility_mask(self.rule, n, n_global)(None, None, q_idx, kv_idx)
+        name = "sdpa-masked"
+        if not _tracing():
+            name += f"/{_sdp_kernel(q, k, v, attn_mask=mask)}"
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), name
 
     # -- sliding window without an N x N mask --
     def _blocked(self, q, k, v, g_kv):
-        spec = self.spec
-        w = spec.window
         q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
-        bsz, h, n, hd = q.shape
-        blk = max(w, MIN_BLOCK)
-        nb = -(-n // blk)
-        before, after = blk, (blk if not spec.causal else 0)
-        span = (before + blk + after) // blk  # key blocks per query block
-        pad_q = nb * blk - n
-
-        qb = F.pad(q, (0, 0, 0, pad_q)).view(bsz, h, nb, blk, hd)
-        kp = F.pad(k, (0, 0, before, pad_q + after))
-        vp = F.pad(v, (0, 0, before, pad_q + after))
-        # key block i covers padded positions [i*blk, i*blk + span*blk): unfold makes the view
-        kb = kp.unfold(2, span * blk, blk).transpose(-1, -2)  # (B, H, nb, span*blk, hd)
-        vb = vp.unfold(2, span * blk, blk).transpose(-1, -2)
-
-        mask = self._block_mask(n, blk, span, before, q.device, q.dtype)
-
-        # fold the blocks into the batch: (B*nb, H, blk, hd) queries, (B*nb, H, span*blk, hd) keys
-        qf = qb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, blk, hd)
-        kf = kb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, span * blk, hd)
-        vf = vb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, span * blk, hd)
-        maskf = mask.unsqueeze(0).expand(bsz, -1, -1, -1).reshape(bsz * nb, 1, blk, span * blk)
+        gk = gv = None
         if g_kv is not None:
             gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-            g = gk.shape[2]
-            kf = torch.cat([kf, gk.repeat_interleave(nb, dim=0)], dim=2)
-            vf = torch.cat([vf, gv.repeat_interleave(nb, dim=0)], dim=2)
-            maskf = torch.cat([maskf, maskf.new_zeros(bsz * nb, 1, blk, g)], dim=-1)  # globals: visible
+        plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2])
+        qb, kb, vb = plan.queries(q), plan.keys(k, gk), plan.keys(v, gv)
+        masks = self._slot_mask(plan, q.device, q.dtype)
+        p = plan.phases
         name = "blocked"
         if not _tracing():
-            name = f"blocked/{_sdp_kernel(qf, kf, vf, attn_mask=maskf)}"
-        of = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=maskf)
-        o = of.view(bsz, nb, h, blk, hd).permute(0, 2, 1, 3, 4).reshape(bsz, h, nb * blk, hd)
-        return o[:, :, :n], name
+            name = f"blocked/{_sdp_kernel(qb[0::p], kb[0], vb[0], attn_mask=masks[0])}"
+        outs = [F.scaled_dot_product_attention(qb[ph::p], kb[ph], vb[ph], attn_mask=masks[ph]) for ph in range(p)]
+        return plan.unblock(outs, q.shape), name
 
-    def _block_mask(self, n, blk, span, before, device, dtype):
-        """Additive mask (0 visible, -inf hidden) of the blocked path, (nb, blk, span*blk).
-
-        Cached per shape: building it each call cost as much as the attention itself on CPU,
-        and handing SDPA a float mask spares its own bool-to-float conversion.
-        """
-        key = (n, blk, span, before, str(device), dtype)
+    def _slot_mask(self, plan, device, dtype):
+        """The blocked path's additive masks (one per phase), cached per shape: building it each call cost as
+        much as the attention itself on CPU. Built outside inference mode so that a mask first
+        made under a no-grad timing can serve a later training step."""
+        key = (plan, str(device), dtype)
         cached = None if _tracing() else self._mask_cache.get(key)
         if cached is not None:
             return cached
-        nb = -(-n // blk)
-        q_pos = torch.arange(nb * blk, device=device).view(nb, blk, 1)
-        k_pos = (torch.arange(nb, device=device).view(nb, 1, 1) * blk - before
-                 + torch.arange(span * blk, device=device).view(1, 1, -1))
-        visible = _pair_mask(q_pos, k_pos, self.spec.causal, self.spec.window) & (k_pos >= 0) & (k_pos < n)
-        visible = visible | (q_pos >= n)  # padded query rows: anything, so no row is empty (discarded)
-        mask = torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf"))
+        with torch.inference_mode(False):
+            mask = tuple(plan.mask(self.rule, ph, device, dtype) for ph in range(plan.phases))
         if not _tracing():
             if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
                 self._mask_cache.clear()
@@ -295,9 +344,7 @@ class SparseQueryAttention(nn.Module):
         return mask
 
     # -- FlexAttention --
-    def _flex(self, q, k, v, g_kv):
-        from torch.nn.attention.flex_attention import flex_attention
-
+    def _flex(self, q, k, v, g_kv, compiled: bool):
         spec = self.spec
         n = q.shape[2]
         gqa_native = spec.grouping == "gqa" and spec.n_q_heads != spec.n_kv_heads
@@ -307,72 +354,68 @@ class SparseQueryAttention(nn.Module):
             gk, gv = g_kv if gqa else (self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1]))
             n_global = gk.shape[2]
             k, v = torch.cat([k, gk], dim=2), torch.cat([v, gv], dim=2)
-        block_mask = _flex_block_mask(n, n_global, spec.window, spec.causal, str(q.device))
-        compiled = q.is_cuda
-        fn = _compiled_flex() if compiled else flex_attention
-        o = fn(q, k, v, block_mask=block_mask, enable_gqa=gqa)
-        return o, "flex-compiled" if compiled else "flex-eager"
+        block_mask = _flex_block_mask(self.rule, n, n_global, str(q.device))
+        if not compiled:
+            return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=gqa), "flex-eager"
+        return _run_compiled_flex(q, k, v, block_mask, gqa), "flex-compiled"
 
     # -- decode: one new token against the cache --
     def new_cache(self, batch: int, capacity: int, device=None, dtype=None) -> KVCache:
-        """An empty cache for up to `capacity` tokens (a window caps it at W)."""
+        """An empty cache for up to `capacity` tokens (a window caps it at W), global tokens
+        written in (causal: their keys and values never change, so a step does not recompute them)."""
         spec = self.spec
         if spec.window is not None:
             capacity = min(capacity, spec.window)
-        shape = (batch, spec.n_kv_heads, capacity, spec.head_dim)
+        shape = (batch, spec.n_kv_heads, spec.n_global + capacity, spec.head_dim)
         dtype = dtype or self.k_proj.weight.dtype
         device = device or self.k_proj.weight.device
-        return KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        cache = KVCache(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                        n_global=spec.n_global)
+        if spec.n_global and spec.causal:
+            with torch.no_grad():  # a decode cache is state, not part of a graph to train through
+                gk, gv = self._global_kv(batch, dtype=dtype)
+                cache.k[:, :, : spec.n_global] = gk
+                cache.v[:, :, : spec.n_global] = gv
+        return cache
 
     def prefill_cache(self, x: torch.Tensor, cache: KVCache) -> None:
         """Write the keys and values of a whole prompt x (B, N, d) into the cache."""
         spec = self.spec
         n = x.shape[1]
-        k = self._heads(self.k_proj(x), spec.n_kv_heads)
+        k = self._k(x, torch.arange(n, device=x.device))
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        if spec.rope:
-            cos, sin = rope_tables(torch.arange(n, device=x.device), spec.head_dim, k.dtype)
-            k = apply_rope(k, cos, sin)
-        cap = cache.k.shape[2]
+        cap = cache.capacity
         keep = min(n, cap)
-        slots = torch.arange(n - keep, n, device=x.device) % cap
+        slots = cache.n_global + torch.arange(n - keep, n, device=x.device) % cap
         cache.k[:, :, slots] = k[:, :, n - keep:]
         cache.v[:, :, slots] = v[:, :, n - keep:]
         cache.length = n
 
     def decode(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One new token x (B, 1, d) at position cache.length; updates the cache in place."""
+        """One new token x (B, 1, d) at position cache.length; updates the cache in place.
+
+        Reads the cache as it is (no copy, no host-to-device transfer per step): query heads are
+        folded into groups per KV head, so grouped and uneven heads cost what their KV heads do.
+        """
         spec = self.spec
         if not spec.causal:
             raise SpecError("decode needs causal=True: a bidirectional layer has no next token")
         if x.dim() != 3 or x.shape[1] != 1:
             raise ValueError(f"decode takes one token, shape (batch, 1, d_model); got {tuple(x.shape)}")
-        b = x.shape[0]
-        pos = cache.length
-        q = self._heads(self.q_proj(x), spec.n_q_heads)
-        k = self._heads(self.k_proj(x), spec.n_kv_heads)
-        v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        if spec.rope:
-            cos, sin = rope_tables(torch.tensor([pos], device=x.device), spec.head_dim, q.dtype)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        cap = cache.k.shape[2]
+        pos, cap = cache.length, cache.capacity
         if spec.window is None and pos >= cap:
             raise ValueError(f"KV cache is full: capacity {cap} tokens, position {pos}")
-        slot = pos % cap
+        position = torch.arange(pos, pos + 1, device=x.device)
+        q, k = self._q(x, position), self._k(x, position)
+        v = self._heads(self.v_proj(x), spec.n_kv_heads)
+        slot = cache.n_global + pos % cap
         cache.k[:, :, slot] = k[:, :, 0]
         cache.v[:, :, slot] = v[:, :, 0]
         cache.length = pos + 1
-        ks, vs = cache.k[:, :, : cache.filled], cache.v[:, :, : cache.filled]
-        if spec.n_global:
-            gk, gv = self._global_kv(b, dtype=q.dtype)
-            ks, vs = torch.cat([ks, gk], dim=2), torch.cat([vs, gv], dim=2)
-        if spec.grouping == "gqa" and spec.n_q_heads > spec.n_kv_heads:
-            # One query token and no mask: fold each group of query heads into the query axis
-            # and read the grouped cache as it is. Expanding K/V instead would copy the whole
-            # cache every step and make GQA/MQA decode slower than MHA, the opposite of their point.
-            group = spec.n_q_heads // spec.n_kv_heads
-            o = F.scaled_dot_product_attention(q.view(b, spec.n_kv_heads, group, spec.head_dim), ks, vs)
-            o, name = o.reshape(b, spec.n_q_heads, 1, spec.head_dim), "decode/sdpa-grouped"
+        end = cache.n_global + cache.filled
+        ks, vs = cache.k[:, :, :end], cache.v[:, :, :end]
+        if spec.n_q_heads > spec.n_kv_heads:
+            o, name = self._decode_folded(q, ks, vs), "decode/sdpa-grouped"
         else:
             q, ks, vs, _ = self._group(q, ks, vs, allow_native_gqa=False)
             o, name = F.scaled_dot_product_attention(q, ks, vs), "decode/sdpa"
@@ -380,17 +423,45 @@ class SparseQueryAttention(nn.Module):
             self.last_backend = name
         return self.o_proj(self._merge(o))
 
+    def _decode_folded(self, q, ks, vs):
+        """One query token, no mask: each KV head's query heads become its query rows."""
+        b, hd, h_kv = q.shape[0], self.spec.head_dim, self.spec.n_kv_heads
+        rows = self._fold_q.shape[1]
+        if self.spec.grouping == "gqa":  # equal contiguous groups: a view
+            folded = q.view(b, h_kv, rows, hd)
+        else:  # uneven groups: gather q (tiny), never the cache
+            folded = q.index_select(1, self._fold_q.flatten()).view(b, h_kv, rows, hd)
+        o = F.scaled_dot_product_attention(folded, ks, vs).reshape(b, h_kv * rows, hd)
+        if self.spec.grouping != "gqa":
+            o = o.index_select(1, self._unfold)
+        return o.view(b, self.spec.n_q_heads, 1, hd)
 
-def _pair_mask(q_pos, k_pos, causal: bool, window: int | None):
-    """True where key k_pos is visible to query q_pos (broadcasting); see AttentionSpec."""
-    if causal:
-        ok = k_pos <= q_pos
-        if window is not None:
-            ok = ok & (q_pos - k_pos < window)
-        return ok
-    if window is None:
-        return torch.ones_like(q_pos - k_pos, dtype=torch.bool)
-    return (q_pos - k_pos).abs() < window
+
+def _check_forced_backend(spec: AttentionSpec, backend: str) -> None:
+    """Refuse a forced backend that cannot run this spec, naming the field, value and choices."""
+    if backend not in BACKENDS:
+        raise SpecError(f"backend={backend!r} is not known: choose one of {', '.join(BACKENDS)}")
+    if backend in ("flex", "flex-eager") and spec.window is None and spec.n_global == 0:
+        raise SpecError(f"backend={backend!r} needs a window or global tokens (spec has window=None, "
+                        "n_global=0): full attention runs on 'sdpa' or 'auto'")
+    if backend == "flex" and spec.head_dim < FLEX_MIN_HEAD_DIM:
+        raise SpecError(f"backend='flex' needs head_dim >= {FLEX_MIN_HEAD_DIM} (compiled FlexAttention, torch 2.13); "
+                        f"spec has head_dim={spec.head_dim}: use 'auto', 'blocked' or 'flex-eager'")
+    if backend == "blocked" and spec.window is None:
+        raise SpecError("backend='blocked' needs a window (spec has window=None): use 'auto' or 'sdpa'")
+
+
+def _decode_folding(spec: AttentionSpec):
+    """Index maps for folding H_q query heads into (H_kv, rows) groups and back (H_q > H_kv)."""
+    if spec.n_q_heads <= spec.n_kv_heads:
+        return torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    groups = [[] for _ in range(spec.n_kv_heads)]
+    for h, g in enumerate(spec.kv_head_of_query):
+        groups[g].append(h)
+    rows = max(len(members) for members in groups)
+    fold = [members + [members[-1]] * (rows - len(members)) for members in groups]
+    unfold = [g * rows + members.index(h) for g, members in enumerate(groups) for h in members]
+    return torch.tensor(fold), torch.tensor(unfold)
 
 
 def _native_gqa_ok(q, k, v, causal: bool) -> bool:
@@ -407,37 +478,66 @@ def _native_gqa_ok(q, k, v, causal: bool) -> bool:
     return _sdp_kernel(q, k, v, is_causal=causal, enable_gqa=True) not in ("math", "unknown")
 
 
-@functools.lru_cache(maxsize=1)
-def _flex_available() -> bool:
+# ----- FlexAttention ---------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _flex_block_mask(rule: Visibility, n: int, n_global: int, device: str) -> BlockMask:
+    """BlockMask over keys [sequence (n); global tokens], from KV block indices.
+
+    Built from the rule's block ranges (O((N/128)^2) integers), never by evaluating mask_mod
+    over N x N pairs as an uncompiled create_block_mask does (hundreds of GB at N=131k). Built
+    outside inference mode and without grad, so a mask cached during a no-grad timing can serve
+    a later training step.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        kv_num, kv_idx, full_num, full_idx = flex_kv_blocks(rule, n, n_global, device=device)
+        return BlockMask.from_kv_blocks(
+            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=FLEX_BLOCK,
+            mask_mod=visibility_mask(rule, n, n_global), seq_lengths=(n, n + n_global),
+        )
+
+
+def _flex_call(q, k, v, block_mask, enable_gqa):
+    # is_compiling() is the constant True inside a compiled graph and False when this frame
+    # runs eagerly, so the result itself says what ran.
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa), torch.compiler.is_compiling()
+
+
+_COMPILED_FLEX: dict = {}
+
+
+def _compiled_flex(signature):
+    """One compiled callable per input signature, each on its own code object: dynamo keeps its
+    cache and recompile count per code object, so a process sweeping many specs and shapes
+    compiles each once instead of piling recompiles onto one function until it goes eager."""
+    fn = _COMPILED_FLEX.get(signature)
+    if fn is None:
+        fresh = types.FunctionType(_flex_call.__code__.replace(), _flex_call.__globals__,
+                                   f"_flex_call_{len(_COMPILED_FLEX)}")
+        fn = _COMPILED_FLEX[signature] = torch.compile(fresh, dynamic=False, fullgraph=True)
+    return fn
+
+
+def _run_compiled_flex(q, k, v, block_mask, enable_gqa):
+    if _tracing():  # already inside the caller's compiled graph
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if needs_grad and not q.is_cuda:
+        raise NotImplementedError("compiled FlexAttention has no backward on CPU (torch 2.13): run it without "
+                                  "grad (prefill) or train with backend='blocked' or 'auto'")
+    signature = (tuple(q.shape), tuple(k.shape), q.dtype, str(q.device), enable_gqa, needs_grad,
+                 torch.is_inference_mode_enabled(), block_mask.seq_lengths, id(block_mask.mask_mod))
     try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@functools.lru_cache(maxsize=1)
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _flex_block_mask(n: int, n_global: int, window: int | None, causal: bool, device: str):
-    """Block mask over keys [sequence (n); global tokens (n_global)], cached per shape."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q_idx, kv_idx):
-        is_global = kv_idx >= n
-        if causal:
-            ok = kv_idx <= q_idx
-            if window is not None:
-                ok = ok & (q_idx - kv_idx < window)
-        elif window is not None:
-            ok = (q_idx - kv_idx).abs() < window
-        else:
-            ok = kv_idx >= 0
-        return is_global | ok
-
-    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n + n_global, device=device)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+            out, compiled = _compiled_flex(signature)(q, k, v, block_mask, enable_gqa)
+    except torch._dynamo.exc.FailOnRecompileLimitHit as exc:
+        raise FlexFallbackError(f"compiled FlexAttention hit dynamo's recompile limit and would run eagerly: {exc}") from exc
+    except RuntimeError as exc:  # fullgraph=True's own check when every frame was skipped
+        if "no compiled frames" not in str(exc):
+            raise
+        raise FlexFallbackError(f"compiled FlexAttention ran eagerly (torch.compile disabled?): {exc}"[:600]) from exc
+    if not compiled:
+        raise FlexFallbackError(
+            "compiled FlexAttention ran eagerly (torch.compile disabled? TORCH_COMPILE_DISABLE or "
+            "torch._dynamo.config.disable): refused, eager flex materialises N x N; use backend='blocked'"
+        )
+    return out

@@ -25,6 +25,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from .masks import Visibility, visible_pairs
+
 __all__ = [
     "AttentionSpec",
     "SpecError",
@@ -303,19 +305,10 @@ class AttentionSpec:
     def visible_pairs(self, seq_len: int) -> int:
         """Number of (query, key) pairs among the sequence's own tokens that attention scores.
 
-        Exact for the masks stated in the class docstring; global tokens are counted apart.
+        Exact for the visibility rule of `sqa_search.masks` (the one the layer's masks use);
+        global tokens are counted apart.
         """
-        n = seq_len
-        w = self.window
-        if self.causal:
-            if w is None or w >= n:
-                return n * (n + 1) // 2
-            # query i sees min(i + 1, w) keys
-            return w * (w + 1) // 2 + (n - w) * w
-        if w is None or w >= n:
-            return n * n
-        # |i - j| < w: n*(2w-1) minus the keys that fall off both ends
-        return n * (2 * w - 1) - w * (w - 1)
+        return visible_pairs(Visibility(self.causal, self.window), seq_len)
 
     def attention_flops(self, seq_len: int, backward: bool = False, batch: int = 1) -> int:
         """Matmul FLOPs of the layer at sequence length N (2 FLOPs per multiply-add).
