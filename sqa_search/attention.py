@@ -179,7 +179,9 @@ class SparseQueryAttention(nn.Module):
     def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, positions=None):
         if not self.spec.rope:
             return self._heads(proj(x), n_heads)
-        if x.shape[0] * x.shape[1] <= x.shape[2]:  # few tokens (decode): reorder the outputs
+        # few tokens (decode): reorder the outputs; not while tracing, where a branch on the
+        # length would pin torch.export's dynamic sequence length to one side of it
+        if not _tracing() and x.shape[0] * x.shape[1] <= x.shape[2]:
             t = proj(x).index_select(-1, order)
         else:  # many tokens: reorder the (smaller) weight rows
             bias = None if proj.bias is None else proj.bias.index_select(0, order)
