@@ -375,3 +375,15 @@ def test_unstable_means_more_than_a_stray_outlier():
     assert not _unstable([1.0] * 99 + [10.0], 1.0)  # one interrupt in a hundred repeats
     assert _unstable([1.0] * 97 + [10.0] * 3, 1.0)
     assert not _unstable([1.0, 2.0, 4.9], 1.0)
+
+
+def test_flex_that_would_run_eagerly_is_an_error_record_not_a_timing(cache):
+    """Eager flex under the compiled label would time N x N scores as if they were the kernel:
+    the layer refuses (FlexFallbackError), the timing becomes an error record (a study's trial
+    then fails with this reason) and nothing is cached."""
+    wide = AttentionSpec.variant("swsqa", 2 * D, H, window=32)  # head_dim 16: compiled flex allowed
+    with torch._dynamo.config.patch(disable=True):
+        r = time_spec(wide, seq_len=128, mode="prefill", backend="flex", cache_dir=cache, **FAST)
+    assert r.status == "error" and r.median_s is None
+    assert "FlexFallbackError" in r.error and "eager" in r.error
+    assert cached_timings(cache) == []
