@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sqa_search.report import pareto_table, write_report
-from sqa_search.study import StudyError, finished_count, open_study, run_study
+from sqa_search.study import StudyError, finished_count, is_interrupted, open_study, run_study
 from study_helpers import space_file
 
 TINY = {
@@ -112,35 +112,44 @@ def _running(storage_url, name):
 
 
 @pytest.mark.slow
-def test_killed_run_loses_nothing_and_rerun_completes(tmp_path):
-    path = _space_file(tmp_path, name="killme", study={"trials": 6},
+def test_killed_run_loses_nothing_and_reruns_the_interrupted_configuration_first(tmp_path):
+    # issue 11.7: `--trials 3` killed during the second anchor, then the same command again, once
+    # evaluated the third anchor and a random proposal, and never the interrupted anchor
+    path = _space_file(tmp_path, name="killme", study={"trials": 3},
                        training={"budget_steps": 60})  # a few seconds a trial: long enough to be killed mid-trial
     studies = tmp_path / "studies"
     cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--studies-dir", str(studies), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{(studies / 'killme' / 'study.db').resolve()}"
     deadline = time.time() + 240
-    # kill as soon as two trials are done and a third is running: mid-trial, whatever the machine's speed
-    while time.time() < deadline and not (_finished(storage, "killme") >= 2 and _running(storage, "killme")):
+    # kill as soon as one trial is done and the next is running: mid-trial, whatever the machine's speed
+    while time.time() < deadline and not (_finished(storage, "killme") >= 1 and _running(storage, "killme")):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     study = optuna.load_study(study_name="killme", storage=storage)
     done_before = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert len(done_before) >= 2
-    assert study.get_trials(states=(TrialState.RUNNING,)), "the kill should have interrupted a trial"
+    killed = study.get_trials(states=(TrialState.RUNNING,))
+    assert done_before and len(killed) == 1, "the kill should have interrupted a trial"
+    assert study.get_trials(states=(TrialState.WAITING,)), "an anchor should still be waiting behind it"
 
     handle = run_study(path, studies_dir=studies, progress=False, report=False)
     study = handle.study
-    assert finished_count(study) == 6
+    assert finished_count(study) == 3
     after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert all(after[n] == when for n, when in done_before.items())  # none lost, none recomputed
-    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,))
-                   if t.user_attrs.get("fail_reason", "").startswith("interrupted")]
-    assert len(interrupted) == 1
-    assert not study.get_trials(states=(TrialState.RUNNING,))
-    keys = _complete_keys(study)
-    assert len(keys) == len(set(keys))
+    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,)) if is_interrupted(t)]
+    assert [t.number for t in interrupted] == [killed[0].number]
+    assert interrupted[0].user_attrs["fail_reason"].startswith("interrupted (worker process")
+    resumed = sorted((t for t in study.trials if t.number not in done_before and t.number != killed[0].number),
+                     key=lambda t: t.datetime_start)
+    rerun = resumed[0]  # the first trial the resumed run started
+    assert rerun.user_attrs["retry_of"] == killed[0].number and rerun.params == killed[0].params
+    assert rerun.state == TrialState.COMPLETE
+    # every anchor evaluated exactly once; the interrupted trial took none of the budget of 3
+    anchors = [t.user_attrs["anchor"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert sorted(anchors) == ["MHA 4q/4kv", "SQA 2q/1kv", "xSQA 1q/1kv"]
+    assert not study.get_trials(states=(TrialState.RUNNING,)) and not study.get_trials(states=(TrialState.WAITING,))
 
 
 @pytest.mark.slow
