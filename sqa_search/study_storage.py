@@ -32,7 +32,10 @@ META_KEYS = ("name", "storage", "space_fingerprint")  # what every study.json mu
 STORAGE_FORMS = ("sqlite:///PATH, postgresql://USER:PASSWORD@HOST:PORT/DATABASE, "
                  "mysql://USER:PASSWORD@HOST:PORT/DATABASE or journal:PATH")
 RDB_BACKENDS = ("sqlite", "postgresql", "mysql")
-DRIVER_PACKAGES = {"postgresql": "psycopg2-binary", "mysql": "PyMySQL"}
+# the pip package of each Python driver module SQLAlchemy may ask for (postgresql:// means psycopg
+# from SQLAlchemy 2.1 on, psycopg2 before)
+DRIVER_PACKAGES = {"psycopg": "'psycopg[binary]'", "psycopg2": "psycopg2-binary", "pymysql": "PyMySQL",
+                   "MySQLdb": "mysqlclient", "asyncpg": "asyncpg", "pg8000": "pg8000"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 OPTUNA_TABLES = ("studies", "trials", "version_info")
 # heartbeats let a worker on any host fail (and re-queue) the trial of a worker that died elsewhere
@@ -86,7 +89,7 @@ def check_storage_url(url, field: str = "--storage") -> None:
         raise StudyError(f"{field}={safe_url(url)!r}: driver {parsed.drivername!r} is unknown to SQLAlchemy: "
                          f"give {STORAGE_FORMS}") from None
     except ImportError as exc:
-        package = DRIVER_PACKAGES.get(backend, exc.name)
+        package = DRIVER_PACKAGES.get(exc.name or "", exc.name)
         raise StudyError(f"{field}={safe_url(url)!r} needs the Python driver {exc.name!r}, which is not "
                          f"installed: pip install {package}") from None
 
