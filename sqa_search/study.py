@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import time
@@ -109,10 +110,17 @@ class RetryFirstStudy(optuna.Study):
         for trial in sorted(waiting, key=lambda t: "retry_of" not in t.user_attrs):  # stable: else in order
             try:
                 if self._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    _set_owner(self._storage, trial._trial_id)  # a kill from here on is found and re-run
                     return trial._trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker took it and finished it meanwhile
         return None
+
+
+def _set_owner(storage, trial_id: int) -> None:
+    """The worker running a trial, which `recover_interrupted` checks is still alive."""
+    storage.set_trial_user_attr(trial_id, "pid", os.getpid())
+    storage.set_trial_user_attr(trial_id, "host", socket.gethostname())
 
 
 @dataclass
@@ -212,7 +220,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed worker its parent has not reaped yet is a zombie: dead, though kill(pid, 0) works
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): trust kill()
+        return True
 
 
 def is_interrupted(trial) -> bool:
@@ -319,8 +331,7 @@ class Objective:
             raise
 
     def _evaluate(self, trial: optuna.Trial):
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("host", socket.gethostname())
+        _set_owner(trial.study._storage, trial._trial_id)  # a new trial's; a queued one has it already
         spec = self.suggest(trial)
         trial.set_user_attr("spec", spec.to_dict())
         trial.set_user_attr("label", spec.label)
@@ -523,8 +534,12 @@ def _run_workers(handle: StudyHandle, payload: dict, workers: int, studies_dir, 
                                                       target, cache_dir)) for _ in range(workers)]
     for p in procs:
         p.start()
-    for p in procs:
-        p.join()
+    running = list(procs)
+    while running:  # reap each worker as it ends, so a dead one is not left a zombie that looks alive
+        ended = multiprocessing.connection.wait([p.sentinel for p in running])
+        for p in [p for p in running if p.sentinel in ended]:
+            p.join()
+            running.remove(p)
     died = [p.exitcode for p in procs if p.exitcode != 0]
     if died:
         message = (f"{len(died)} of {workers} worker process(es) exited with codes {died}; their trials are "

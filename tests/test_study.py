@@ -12,7 +12,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sqa_search.report import pareto_table, write_report
-from sqa_search.study import StudyError, finished_count, is_interrupted, open_study, run_study
+from sqa_search.study import StudyError, _pid_alive, finished_count, is_interrupted, open_study, run_study
 from study_helpers import space_file
 
 TINY = {
@@ -193,3 +193,20 @@ def test_constrained_mode_minimises_loss_under_a_latency_budget_and_prunes(tmp_p
     assert all(t.intermediate_values for t in done)  # reported to the pruner
     frame, front, hv = pareto_table(handle)
     assert not front.empty
+
+
+def test_a_killed_worker_not_yet_reaped_counts_as_dead():
+    # a zombie answers kill(pid, 0); taking it for alive left its trial RUNNING until the parent
+    # reaped it, and the study meanwhile spent the budget on other trials
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _pid_alive(child.pid)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.time() + 10
+        while _pid_alive(child.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(child.pid)
+        assert child.poll() is not None  # reaped only now: it was a zombie while judged dead
+    finally:
+        child.kill()
+        child.wait()
