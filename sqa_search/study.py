@@ -190,12 +190,18 @@ def _prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, sto
         existing = optuna.load_study(study_name=space.name, storage=opened)
     except KeyError:
         existing = None
+    fingerprint = space.fingerprint()
+    if existing is not None and existing.user_attrs.get("space_fingerprint", fingerprint) != fingerprint:
+        raise StudyError(f"the storage {safe_url(storage_url)} holds a study {space.name!r} made from a different "
+                         f"search space (on another host?): resuming would mix incomparable trials; use another --name")
     if existing is not None and [d.name.lower() for d in existing.directions] != directions:
         raise StudyError(f"the storage {safe_url(storage_url)} holds a study {space.name!r} that optimises "
                          f"{[d.name.lower() for d in existing.directions]}, not {directions}: use another --name")
     study_dir.mkdir(parents=True, exist_ok=True)
     _write_folder(space, space_path, study_dir, storage_url)
-    optuna.create_study(study_name=space.name, storage=opened, directions=directions, load_if_exists=True)
+    created = optuna.create_study(study_name=space.name, storage=opened, directions=directions, load_if_exists=True)
+    if existing is None:  # what a host joining the study later checks its own space against
+        created.set_user_attr("space_fingerprint", fingerprint)
     study = RetryFirstStudy(study_name=space.name, storage=opened, sampler=_sampler(space), pruner=_pruner())
     return StudyHandle(study, space, study_dir, storage_url)
 

@@ -204,8 +204,9 @@ def read_meta(study_dir: Path) -> dict:
     meta_path = study_dir / META_FILE
     if not meta_path.is_file():
         held = sorted(p.name for p in study_dir.iterdir())
-        what = "the folder is empty" if not held else f"it holds {held} but no {META_FILE}"
-        raise StudyError(f"no study at {str(study_dir)!r}: {what} (`sqa-search run SPACE.yaml` makes one)")
+        what = "the folder is empty" if not held else f"the folder holds {held}"
+        raise StudyError(f"no study at {str(study_dir)!r}: {META_FILE} is missing ({what}; "
+                         f"`sqa-search run SPACE.yaml` makes a study)")
     return _parse_meta(meta_path)
 
 

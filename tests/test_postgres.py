@@ -16,8 +16,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from sqa_search.space import load_space
 from sqa_search.study import (
     RetryFirstStudy,
+    StudyError,
+    _prepare_study,
     _retry_stale_trial,
     finished_count,
     is_interrupted,
@@ -141,3 +144,16 @@ def test_heartbeat_finds_a_worker_that_died_on_another_host_and_its_trial_runs_f
     assert first.user_attrs["retry_of"] == lost.number
     assert study.trials[first.number].system_attrs["fixed_params"] == failed.params == lost.params
     assert study.ask().user_attrs["anchor"] == "MHA"
+
+
+def test_hosts_join_one_study_on_the_server_only_with_the_same_space(tmp_path, postgres_url):
+    # each host has its own studies/ folder; the server holds the trials
+    path = space_file(tmp_path, SPACE, "shared")
+    first = _prepare_study(load_space(path), path, tmp_path / "host-a", postgres_url, 1)
+    first.study.enqueue_trial({"n_q_heads": 4}, user_attrs={"anchor": "MHA"})
+    joined = _prepare_study(load_space(path), path, tmp_path / "host-b", postgres_url, 1)
+    assert joined.study._study_id == first.study._study_id and len(joined.study.trials) == 1
+    other = space_file(tmp_path, {**SPACE, "target": {**SPACE["target"], "seq_len": 128}}, "shared")
+    with pytest.raises(StudyError, match="different search space"):
+        _prepare_study(load_space(other), other, tmp_path / "host-c", postgres_url, 1)
+    assert not (tmp_path / "host-c").exists()

@@ -72,7 +72,7 @@ def _empty_sqlite(folder):
 
 # damage -> what the error must say
 DAMAGE = {
-    "study.json missing": (lambda f: (f / "study.json").unlink(), "but no study.json"),
+    "study.json missing": (lambda f: (f / "study.json").unlink(), "study.json is missing|but no study.json"),
     "study.json not JSON": (lambda f: (f / "study.json").write_text('{"name": "dmg", "stor'), "not JSON"),
     "study.json a list": (lambda f: (f / "study.json").write_text("[1, 2]"), "holds a list"),
     "study.json without storage": (lambda f: (f / "study.json").write_text(
@@ -121,8 +121,8 @@ def test_intact_study_opens_read_only(made):
     assert _digest(folder) == before
 
 
-@pytest.mark.parametrize("folder_state, says", [("missing", "does not exist"), ("empty", "the folder is empty"),
-                                                ("file", "is a file")])
+@pytest.mark.parametrize("folder_state, says", [("missing", "does not exist"), ("file", "is a file"),
+                                                ("empty", r"study.json is missing \(the folder is empty")])
 def test_missing_or_empty_folder_is_no_study(tmp_path, folder_state, says):
     folder = tmp_path / "studies" / "x"
     if folder_state == "empty":
