@@ -161,3 +161,21 @@ def test_folder_without_study_json_is_not_taken_over(tmp_path):
     with pytest.raises(StudyError, match=r"holds \['notes.txt'\] but no study.json"):
         run_study(path, studies_dir=tmp_path / "studies", progress=False)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_damaged_or_missing_journal_is_refused_and_left_as_it_was(tmp_path):
+    path = space_file(tmp_path, SPACE, "jrn")
+    studies = tmp_path / "studies"
+    handle = _prepare_study(load_space(path), path, studies, None, 2)  # --workers 2: a journal file
+    handle.study.add_trial(optuna.trial.create_trial(values=[3.0, 1e-4]))
+    folder = handle.directory
+    journal = folder / "journal.log"
+    journal.write_bytes(b"{not json\n" + journal.read_bytes())
+    for says in ("journal.log' is damaged", "journal.log' is missing"):
+        before = _digest(folder)
+        with pytest.raises(StudyError, match=says):
+            open_study(folder)
+        with pytest.raises(StudyError, match=says):
+            run_study(path, workers=2, studies_dir=studies, progress=False, report=False)
+        assert _digest(folder) == before
+        journal.unlink(missing_ok=True)  # the second case: no journal at all
