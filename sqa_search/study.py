@@ -627,7 +627,8 @@ def trials_frame(handle: StudyHandle):
             "val_loss": train.get("val_loss"), "mqar_accuracy": train.get("mqar_accuracy"),
             "train_wall_s": train.get("wall_s"), "tokens_per_s": train.get("tokens_per_s"),
             "latency_source": attrs.get("latency_source"), "duplicate_of": attrs.get("duplicate_of"),
-            "fail_reason": attrs.get("fail_reason") or attrs.get("prune_reason"),
+            "fail_reason": attrs.get("fail_reason") or attrs.get("prune_reason")
+            or (f"{INTERRUPTED} (no result, no reason: its worker was lost)" if is_interrupted(t) else None),
             "fingerprint_id": (attrs.get("timing") or [{}])[0].get("fingerprint_id"),
             "backend": (attrs.get("timing") or [{}])[0].get("backend"),
             "datetime_start": t.datetime_start, "duration_s": t.duration.total_seconds() if t.duration else None,

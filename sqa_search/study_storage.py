@@ -216,9 +216,27 @@ def existing_meta(study_dir: Path) -> dict | None:
         return None
     if study_dir.is_dir() and not (study_dir / META_FILE).exists():
         held = sorted(p.name for p in study_dir.iterdir())
+        if _unused_storage_only(study_dir, held):
+            return None
         raise StudyError(f"{str(study_dir)!r} holds {held} but no {META_FILE}: a damaged study or another "
                          f"program's folder, left as it is; use another --name or --studies-dir, or move it away")
     return read_meta(study_dir)
+
+
+def _unused_storage_only(study_dir: Path, held: list[str]) -> bool:
+    """A folder with nothing but an empty default storage: a run stopped while it made the study, or
+    a dashboard opened on the path too early. Nothing is lost by making the study there."""
+    if held == ["study.db"]:
+        try:
+            check_sqlite_file(study_dir / "study.db")
+            con = sqlite3.connect(f"file:{quote(str((study_dir / 'study.db').resolve()))}?mode=ro", uri=True)
+            try:
+                return con.execute("SELECT COUNT(*) FROM trials").fetchone()[0] == 0
+            finally:
+                con.close()
+        except (StudyError, sqlite3.DatabaseError):
+            return False
+    return held == ["journal.log"] and (study_dir / "journal.log").stat().st_size == 0
 
 
 def _parse_meta(meta_path: Path) -> dict:

@@ -179,3 +179,14 @@ def test_damaged_or_missing_journal_is_refused_and_left_as_it_was(tmp_path):
             run_study(path, workers=2, studies_dir=studies, progress=False, report=False)
         assert _digest(folder) == before
         journal.unlink(missing_ok=True)  # the second case: no journal at all
+
+
+def test_folder_with_only_an_empty_storage_becomes_the_study(tmp_path):
+    # what a run killed while it made the study leaves (or optuna-dashboard opened too early)
+    path = space_file(tmp_path, SPACE, "early")
+    folder = tmp_path / "studies" / "early"
+    folder.mkdir(parents=True)
+    optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}")  # Optuna's tables, no trial
+    handle = _prepare_study(load_space(path), path, tmp_path / "studies", None, 1)
+    assert sorted(p.name for p in folder.iterdir()) == ["space.yaml", "study.db", "study.json"]
+    assert open_study(folder).study.study_name == handle.study.study_name == "early"
