@@ -77,7 +77,7 @@ def postgres_url():
     try:
         pg("initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
         pg("pg_ctl", "-D", str(data), "-l", str(log), "-w", "-t", "60", "start",
-           "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=50")
+           "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections=100")
     except subprocess.CalledProcessError as exc:
         shutil.rmtree(folder, ignore_errors=True)
         raise RuntimeError(f"PostgreSQL from {bindir} did not start: {exc.stderr}") from None

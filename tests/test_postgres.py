@@ -41,9 +41,9 @@ SPACE = {
 }
 
 
-def _study(url, name):
+def _study(storage, name):
     try:
-        return optuna.load_study(study_name=name, storage=url)
+        return optuna.load_study(study_name=name, storage=storage)
     except KeyError:  # not created yet by the run under test
         return None
 
@@ -70,9 +70,14 @@ def test_two_workers_one_killed_mid_trial_lose_nothing(tmp_path, postgres_url):
     cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--storage", postgres_url, "--workers", "2",
            "--studies-dir", str(studies), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    victim, deadline = None, time.time() + 300
+    deadline = time.time() + 300
+    # the run has made the tables once study.json is written; one storage (one connection pool) then
+    while not (studies / "pgkill" / "study.json").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    storage = optuna.storages.RDBStorage(postgres_url)
+    victim = None
     while victim is None and time.time() < deadline and proc.poll() is None:
-        study = _study(postgres_url, "pgkill")
+        study = _study(storage, "pgkill")
         if study is not None and finished_count(study) >= 1:
             victim = _just_started(study)
         time.sleep(0.1)
@@ -80,7 +85,7 @@ def test_two_workers_one_killed_mid_trial_lose_nothing(tmp_path, postgres_url):
     pid = victim.user_attrs["pid"]
     assert pid != proc.pid, "trials run in the worker processes"
     os.kill(pid, signal.SIGKILL)
-    study = _study(postgres_url, "pgkill")
+    study = _study(storage, "pgkill")
     done_at_kill = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
     # the dead worker's trial (the victim, unless it finished in the instant before the kill)
     interrupted = [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.user_attrs.get("pid") == pid]
