@@ -1,9 +1,11 @@
 """Studies end to end on real storages (SQLite, journal file), real timings and real training,
 with budgets small enough for a test."""
 
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -210,3 +212,30 @@ def test_a_killed_worker_not_yet_reaped_counts_as_dead():
     finally:
         child.kill()
         child.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_trial_costs_no_configuration(tmp_path):
+    path = _space_file(tmp_path, name="ctrlc", study={"trials": 3}, training={"budget_steps": 60})
+    studies = tmp_path / "studies"
+    storage = f"sqlite:///{(studies / 'ctrlc' / 'study.db').resolve()}"
+
+    def press_ctrl_c_in_the_second_trial():
+        deadline = time.time() + 240
+        while time.time() < deadline and not (_finished(storage, "ctrlc") >= 1 and _running(storage, "ctrlc")):
+            time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread, inside the objective
+
+    presser = threading.Thread(target=press_ctrl_c_in_the_second_trial)
+    presser.start()
+    with pytest.raises(KeyboardInterrupt):
+        run_study(path, studies_dir=studies, progress=False, report=False)
+    presser.join()
+    stopped = [t for t in open_study(studies / "ctrlc").study.trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["fail_reason"] for t in stopped] == ["interrupted (KeyboardInterrupt)"]
+
+    study = run_study(path, studies_dir=studies, progress=False, report=False).study
+    rerun = min((t for t in study.trials if t.number > stopped[0].number and t.datetime_start),
+                key=lambda t: t.datetime_start)
+    assert rerun.user_attrs["retry_of"] == stopped[0].number and rerun.state == TrialState.COMPLETE
+    assert finished_count(study) == 3 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
