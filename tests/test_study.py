@@ -1,12 +1,11 @@
 """Studies end to end on real storages (SQLite, journal file), real timings and real training,
 with budgets small enough for a test."""
 
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -102,15 +101,19 @@ def _finished(storage_url, name):
         return 0
 
 
-def _running(storage_url, name):
+def _running(storage_url, name, number=None):
+    """Whether trial `number` (any, if None) is inside its objective and began under a second ago:
+    a signal sent now lands mid-trial, whatever the machine's speed."""
     if not storage_url.startswith("sqlite:///") or not Path(storage_url[len("sqlite:///"):]).exists():
         return False
     try:
         study = optuna.load_study(study_name=name, storage=storage_url)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return any("spec_key" in t.user_attrs for t in running)  # well inside its objective
     except Exception:  # still being created by the subprocess
         return False
+    now = datetime.now()  # Optuna's clock: local, naive
+    return any("spec_key" in t.user_attrs and (now - t.datetime_start).total_seconds() < 1.0
+               and number in (None, t.number) for t in running)
 
 
 @pytest.mark.slow
@@ -124,8 +127,8 @@ def test_killed_run_loses_nothing_and_reruns_the_interrupted_configuration_first
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{(studies / 'killme' / 'study.db').resolve()}"
     deadline = time.time() + 240
-    # kill as soon as one trial is done and the next is running: mid-trial, whatever the machine's speed
-    while time.time() < deadline and not (_finished(storage, "killme") >= 1 and _running(storage, "killme")):
+    # kill in the second trial (an anchor), with the third anchor still waiting behind it
+    while time.time() < deadline and proc.poll() is None and not _running(storage, "killme", number=1):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -218,19 +221,14 @@ def test_a_killed_worker_not_yet_reaped_counts_as_dead():
 def test_ctrl_c_mid_trial_costs_no_configuration(tmp_path):
     path = _space_file(tmp_path, name="ctrlc", study={"trials": 3}, training={"budget_steps": 60})
     studies = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--studies-dir", str(studies), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{(studies / 'ctrlc' / 'study.db').resolve()}"
-
-    def press_ctrl_c_in_the_second_trial():
-        deadline = time.time() + 240
-        while time.time() < deadline and not (_finished(storage, "ctrlc") >= 1 and _running(storage, "ctrlc")):
-            time.sleep(0.2)
-        os.kill(os.getpid(), signal.SIGINT)  # KeyboardInterrupt in the main thread, inside the objective
-
-    presser = threading.Thread(target=press_ctrl_c_in_the_second_trial)
-    presser.start()
-    with pytest.raises(KeyboardInterrupt):
-        run_study(path, studies_dir=studies, progress=False, report=False)
-    presser.join()
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not _running(storage, "ctrlc", number=1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt inside the objective
+    assert proc.wait(timeout=60) != 0
     stopped = [t for t in open_study(studies / "ctrlc").study.trials if t.state == TrialState.FAIL]
     assert [t.user_attrs["fail_reason"] for t in stopped] == ["interrupted (KeyboardInterrupt)"]
 
