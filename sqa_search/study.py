@@ -137,8 +137,7 @@ def open_study(study_dir: str | Path) -> StudyHandle:
     study_dir = Path(study_dir)
     meta = read_meta(study_dir)
     space = stored_space(study_dir, meta)
-    where = f"the storage of {str(study_dir)!r}"
-    storage = open_storage(meta["storage"], read_only=True, where=where)
+    storage = open_storage(meta["storage"], read_only=True, where="the study's storage")
     study = load_existing_study(storage, meta["name"], meta["storage"])
     return StudyHandle(study, space, study_dir, meta["storage"])
 

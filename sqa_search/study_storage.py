@@ -261,5 +261,6 @@ def stored_space(study_dir: Path, meta: dict) -> SearchSpace:
     """The search space the study was made from (its copy in the folder), or why it cannot be read."""
     try:
         return load_space(study_dir / SPACE_FILE, name=meta["name"])
-    except SpaceError as exc:
-        raise StudyError(f"the study in {str(study_dir)!r} has a missing or damaged {SPACE_FILE}: {exc}") from None
+    except SpaceError as exc:  # on one line: a YAML parser's message spans several
+        raise StudyError(f"the study in {str(study_dir)!r} has a missing or damaged {SPACE_FILE}: "
+                         f"{' '.join(str(exc).split())}") from None
