@@ -12,8 +12,11 @@ Fault handling, because a lost hour of trials is the worst thing a tuner can do:
   (an invalid combination) is PRUNED with its ``prune_reason`` and an infeasible constraint
   (``valid_combination`` = 1), so the sampler learns to avoid it;
 * every finished trial is committed to the storage at once; a trial left RUNNING by a killed
-  process is found on the next start (its worker's pid is gone), marked FAIL "interrupted" and
-  its parameters are enqueued again, so nothing finished is recomputed and nothing is lost;
+  process is found by the next trial of any worker on its host (its pid is gone) or, on another
+  host, by the RDB heartbeat; it is marked FAIL "interrupted", does not count towards the
+  study's trials, and its configuration is run again before any other waiting trial, so nothing
+  finished is recomputed and no configuration is lost;
+* a damaged study folder or storage is refused before anything is written (`study_storage`);
 * identical specs are evaluated once: a repeat proposal reuses the earlier trial's values.
 """
 
@@ -23,10 +26,10 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.connection
 import os
 import socket
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,20 +38,26 @@ from optuna.trial import TrialState
 
 from .space import SearchSpace, SpaceError, candidate_key, load_space, train_config_from
 from .spec import AttentionSpec
-from .errors import UserError
+from .study_storage import (
+    META_FILE,
+    SPACE_FILE,
+    StudyError,
+    check_storage_url,
+    existing_meta,
+    load_existing_study,
+    open_storage,
+    read_meta,
+    safe_url,
+    stored_space,
+)
 
-__all__ = ["run_study", "open_study", "StudyError", "study_dir_for", "trials_frame"]
+__all__ = ["run_study", "open_study", "StudyError", "study_dir_for", "trials_frame", "finished_count", "is_interrupted"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_STUDIES_DIR = Path("studies")
-META_FILE = "study.json"
-SPACE_FILE = "space.yaml"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-class StudyError(UserError):
-    """A study that cannot be run or opened as asked; the message says why and what to do."""
+INTERRUPTED = "interrupted"  # how every fail_reason of a trial that never got to finish begins
 
 
 class TrialFailed(Exception):
@@ -66,20 +75,9 @@ def _default_storage(study_dir: Path, workers: int) -> str:
     return f"sqlite:///{(study_dir / 'study.db').resolve()}"
 
 
-def _open_storage(url: str, heartbeat: bool = True):
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    if url.startswith(("sqlite", "postgresql", "mysql")):
-        if not heartbeat:  # read-only use (show, recommend, export)
-            return optuna.storages.RDBStorage(url)
-        # heartbeats let RDB storages fail trials of workers on other hosts that died
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, heartbeat_interval=60, grace_period=180)
-    return url
+def _open_storage(url: str, heartbeat: bool = True, *, existing: bool = False):
+    """heartbeat=False: read-only use (show, recommend, export); nothing is written."""
+    return open_storage(url, read_only=not heartbeat, existing=existing, retry_stale=_retry_stale_trial)
 
 
 def _sampler(space: SearchSpace):
@@ -94,6 +92,37 @@ def _sampler(space: SearchSpace):
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def _pruner():
+    return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+
+
+class RetryFirstStudy(optuna.Study):
+    """An Optuna study whose queue hands out re-runs of interrupted trials before anything else.
+
+    Optuna pops waiting trials in the order they were enqueued, so a re-run enqueued on resume
+    waited behind the named variants still queued: a `--trials 3` quickstart killed during GQA
+    then evaluated MQA and SQA and never GQA. Claiming a trial is Optuna's own atomic
+    WAITING -> RUNNING transition, so two workers never take the same one.
+    """
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        waiting = self._storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
+        for trial in sorted(waiting, key=lambda t: "retry_of" not in t.user_attrs):  # stable: else in order
+            try:
+                if self._storage.set_trial_state_values(trial._trial_id, state=TrialState.RUNNING):
+                    _set_owner(self._storage, trial._trial_id)  # a kill from here on is found and re-run
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker took it and finished it meanwhile
+        return None
+
+
+def _set_owner(storage, trial_id: int) -> None:
+    """The worker running a trial, which `recover_interrupted` checks is still alive."""
+    storage.set_trial_user_attr(trial_id, "pid", os.getpid())
+    storage.set_trial_user_attr(trial_id, "host", socket.gethostname())
+
+
 @dataclass
 class StudyHandle:
     study: optuna.Study
@@ -103,58 +132,89 @@ class StudyHandle:
 
 
 def open_study(study_dir: str | Path) -> StudyHandle:
-    """An existing study folder -> its Optuna study and search space (read-only use is fine)."""
+    """An existing study folder -> its Optuna study and search space, read-only: nothing in the
+    folder or the storage is written, and a damaged folder is a StudyError saying what is wrong."""
     study_dir = Path(study_dir)
-    meta_path = study_dir / META_FILE
-    if not meta_path.is_file():
-        raise StudyError(f"no study at {str(study_dir)!r}: {META_FILE} is missing (run `sqa-search run` first)")
-    meta = json.loads(meta_path.read_text())
-    space = load_space(study_dir / SPACE_FILE, name=meta["name"])
-    study = optuna.load_study(study_name=meta["name"], storage=_open_storage(meta["storage"], heartbeat=False))
+    meta = read_meta(study_dir)
+    space = stored_space(study_dir, meta)
+    storage = open_storage(meta["storage"], read_only=True, where="the study's storage")
+    study = load_existing_study(storage, meta["name"], meta["storage"])
     return StudyHandle(study, space, study_dir, meta["storage"])
 
 
-def _prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, storage, workers) -> StudyHandle:
-    study_dir = study_dir_for(space.name, studies_dir)
-    study_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = study_dir / META_FILE
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta["space_fingerprint"] != space.fingerprint():
-            raise StudyError(
-                f"study {space.name!r} in {study_dir} was made from a different search space "
-                f"(model, target, search, constraints, objectives or training changed): resuming would mix "
-                f"incomparable trials. Use another --name, or delete {study_dir} to start over."
-            )
-        if storage and storage != meta["storage"]:
-            raise StudyError(f"study {space.name!r} lives in {meta['storage']}; --storage {storage} differs")
-        storage_url = meta["storage"]
-    else:
-        storage_url = storage or _default_storage(study_dir, workers)
-        import yaml
+def _check_existing(space: SearchSpace, study_dir: Path, meta: dict, storage: str | None) -> None:
+    """An existing study folder `run` may resume; refuses (writing nothing) otherwise."""
+    if meta["name"] != space.name:
+        raise StudyError(f"{str(study_dir / META_FILE)!r} is damaged or moved: it names study {meta['name']!r}, "
+                         f"but the folder is the study {space.name!r}'s")
+    if meta["space_fingerprint"] != space.fingerprint():
+        raise StudyError(
+            f"study {space.name!r} in {study_dir} was made from a different search space "
+            f"(model, target, search, constraints, objectives or training changed): resuming would mix "
+            f"incomparable trials. Use another --name, or delete {study_dir} to start over."
+        )
+    if storage and storage != meta["storage"]:
+        raise StudyError(f"study {space.name!r} lives in {safe_url(meta['storage'])}; --storage "
+                         f"{safe_url(storage)} differs")
+    stored_space(study_dir, meta)  # show and report read it: it must be whole before more trials go in
 
-        (study_dir / SPACE_FILE).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
-        meta = {"name": space.name, "storage": storage_url, "space_fingerprint": space.fingerprint(),
-                "source": str(space_path) if space_path else None, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
-        tmp = meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)
+
+def _prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, storage, workers) -> StudyHandle:
+    """The study to run: created, or resumed after checking that nothing in its folder is damaged.
+
+    Everything is checked before the first write, so a refused run leaves every file as it was.
+    """
+    if storage is not None:
+        check_storage_url(storage)
+    study_dir = study_dir_for(space.name, studies_dir)
+    meta = existing_meta(study_dir)
     directions = space.directions if space.study.mode == "pareto" else [space.directions[0]]
-    try:
-        existing = optuna.load_study(study_name=space.name, storage=_open_storage(storage_url, heartbeat=False))
+    if meta is not None:
+        _check_existing(space, study_dir, meta, storage)
+        storage_url = meta["storage"]
+        opened = _open_storage(storage_url, existing=True)
+        study = load_existing_study(opened, space.name, storage_url, sampler=_sampler(space), pruner=_pruner(),
+                                    study_class=RetryFirstStudy)
+        if [d.name.lower() for d in study.directions] != directions:
+            raise StudyError(
+                f"study {space.name!r} optimises {[d.name.lower() for d in study.directions]}, but the search "
+                f"space now asks for {directions} (study.mode or objectives changed): use another --name"
+            )
+        return StudyHandle(study, space, study_dir, storage_url)
+    storage_url = storage or _default_storage(study_dir, workers)
+    if not storage:  # the default storage lives in the folder; a given one is opened (or refused) first
+        study_dir.mkdir(parents=True, exist_ok=True)
+    opened = _open_storage(storage_url)
+    try:  # a shared server may hold it already (another host made it): join it
+        existing = optuna.load_study(study_name=space.name, storage=opened)
     except KeyError:
         existing = None
+    fingerprint = space.fingerprint()
+    if existing is not None and existing.user_attrs.get("space_fingerprint", fingerprint) != fingerprint:
+        raise StudyError(f"the storage {safe_url(storage_url)} holds a study {space.name!r} made from a different "
+                         f"search space (on another host?): resuming would mix incomparable trials; use another --name")
     if existing is not None and [d.name.lower() for d in existing.directions] != directions:
-        raise StudyError(
-            f"study {space.name!r} optimises {[d.name.lower() for d in existing.directions]}, but the search space "
-            f"now asks for {directions} (study.mode or objectives changed): use another --name"
-        )
-    study = optuna.create_study(
-        study_name=space.name, storage=_open_storage(storage_url), directions=directions,
-        sampler=_sampler(space), load_if_exists=True,
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-    )
+        raise StudyError(f"the storage {safe_url(storage_url)} holds a study {space.name!r} that optimises "
+                         f"{[d.name.lower() for d in existing.directions]}, not {directions}: use another --name")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    _write_folder(space, space_path, study_dir, storage_url)
+    created = optuna.create_study(study_name=space.name, storage=opened, directions=directions, load_if_exists=True)
+    if existing is None:  # what a host joining the study later checks its own space against
+        created.set_user_attr("space_fingerprint", fingerprint)
+    study = RetryFirstStudy(study_name=space.name, storage=opened, sampler=_sampler(space), pruner=_pruner())
     return StudyHandle(study, space, study_dir, storage_url)
+
+
+def _write_folder(space: SearchSpace, space_path: Path | None, study_dir: Path, storage_url: str) -> None:
+    import yaml
+
+    (study_dir / SPACE_FILE).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+    meta = {"name": space.name, "storage": storage_url, "space_fingerprint": space.fingerprint(),
+            "source": str(space_path) if space_path else None, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
+    meta_path = study_dir / META_FILE
+    tmp = meta_path.with_suffix(".tmp")  # study.json appears whole or not at all
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, meta_path)
 
 
 # ----- recovery and anchors -----------------------------------------------------------------------
@@ -165,13 +225,26 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed worker its parent has not reaped yet is a zombie: dead, though kill(pid, 0) works
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except (OSError, IndexError):  # no /proc (macOS): trust kill()
+        return True
 
 
-def recover_interrupted(study: optuna.Study) -> int:
-    """Trials left RUNNING by a dead worker on this host -> FAIL 'interrupted', re-enqueued.
+def is_interrupted(trial) -> bool:
+    """A FAIL that is no result: its worker died or was stopped (no reason, or an 'interrupted' one)."""
+    reason = trial.user_attrs.get("fail_reason")
+    return trial.state == TrialState.FAIL and (not reason or str(reason).startswith(INTERRUPTED))
 
-    Returns how many were recovered. Workers on other hosts are left to RDB heartbeats.
+
+def recover_interrupted(study: optuna.Study, *, requeue_failed: bool = False) -> int:
+    """Trials left RUNNING by a dead worker on this host -> FAIL 'interrupted', run again first.
+
+    requeue_failed: also re-queue interrupted FAIL trials that have no re-run yet (a Ctrl-C, a
+    heartbeat-stale trial whose re-run was lost); only where no other worker can race, at start.
+    Workers on other hosts are found by RDB heartbeats (`_retry_stale_trial`). Returns how many
+    trials were re-queued.
     """
     host = socket.gethostname()
     recovered = 0
@@ -179,11 +252,45 @@ def recover_interrupted(study: optuna.Study) -> int:
         attrs = trial.user_attrs
         if attrs.get("host") != host or "pid" not in attrs or _pid_alive(attrs["pid"]):
             continue
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", "interrupted (worker process died)")
-        study.tell(trial.number, state=TrialState.FAIL)
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
-        recovered += 1
+        try:  # only the worker whose FAIL lands re-queues it: two survivors never both do
+            study._storage.set_trial_user_attr(trial._trial_id, "fail_reason",
+                                               f"{INTERRUPTED} (worker process {attrs['pid']} died)")
+            if not study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+        recovered += _requeue(study, trial)
+    if requeue_failed:
+        retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+            if is_interrupted(trial) and trial.number not in retried:
+                recovered += _requeue(study, trial)
     return recovered
+
+
+def _requeue(study: optuna.Study, trial) -> int:
+    """Queue `trial`'s configuration again; RetryFirstStudy hands it out before anything else."""
+    params = trial.system_attrs.get("fixed_params") or trial.params  # an anchor's, even if it died early
+    if not params:
+        return 0  # it died before choosing a configuration: there is nothing to lose
+    attrs = {"retry_of": trial.number}
+    if "anchor" in trial.user_attrs:
+        attrs["anchor"] = trial.user_attrs["anchor"]
+    study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+    return 1
+
+
+def _retry_stale_trial(study: optuna.Study, trial) -> None:
+    """Optuna's heartbeat check failed `trial` (its worker, on any host, stopped beating): re-run it.
+
+    Optuna has already marked it FAIL, so it carries no fail_reason; `is_interrupted` counts it
+    as interrupted for that reason.
+    """
+    _requeue(study, trial)
+
+
+def _waiting_reruns(study: optuna.Study) -> bool:
+    return any("retry_of" in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def enqueue_named_variants(handle: StudyHandle) -> list[str]:
@@ -222,8 +329,14 @@ class Objective:
         return self.space.make_spec(q, kv, window, n_global)
 
     def __call__(self, trial: optuna.Trial):
-        trial.set_user_attr("pid", os.getpid())
-        trial.set_user_attr("host", socket.gethostname())
+        try:
+            return self._evaluate(trial)
+        except KeyboardInterrupt:  # Ctrl-C: no result, so the trial runs again first on resume
+            trial.set_user_attr("fail_reason", f"{INTERRUPTED} (KeyboardInterrupt)")
+            raise
+
+    def _evaluate(self, trial: optuna.Trial):
+        _set_owner(trial.study._storage, trial._trial_id)  # a new trial's; a queued one has it already
         spec = self.suggest(trial)
         trial.set_user_attr("spec", spec.to_dict())
         trial.set_user_attr("label", spec.label)
@@ -359,12 +472,7 @@ def _earlier_result(trial: optuna.Trial, key: str):
 # ----- running ------------------------------------------------------------------------------------
 def finished_count(study: optuna.Study) -> int:
     """Trials that count towards the target: done, pruned or failed for a reason (not interrupted)."""
-    n = 0
-    for t in study.get_trials(deepcopy=False, states=FINISHED):
-        if t.state == TrialState.FAIL and str(t.user_attrs.get("fail_reason", "")).startswith("interrupted"):
-            continue
-        n += 1
-    return n
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if not is_interrupted(t))
 
 
 def _optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) -> None:
@@ -376,7 +484,12 @@ def _optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) 
 
         bar = tqdm(total=target, initial=finished_count(study), desc=f"study {handle.space.name}", unit="trial")
     try:
-        while finished_count(study) < target:
+        # a worker beside this one may have died mid-trial: its configuration is re-run first, and
+        # a re-run is never skipped for the budget (an interrupted trial is no result)
+        while True:
+            recover_interrupted(study)
+            if finished_count(study) >= target and not _waiting_reruns(study):
+                break
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
             if bar is not None:
                 bar.n = finished_count(study)
@@ -406,14 +519,40 @@ def _progress_summary(handle: StudyHandle) -> str:
     return ", ".join(parts)
 
 
-def _worker_main(space_path, space_dict, studies_dir, storage_url, target, cache_dir):
+def _worker_main(space_dict, studies_dir, storage_url, target, cache_dir):
     from .space import space_from_dict
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = space_from_dict(space_dict["data"], source=space_dict["source"], name=space_dict["name"])
-    study = optuna.load_study(study_name=space.name, storage=_open_storage(storage_url), sampler=_sampler(space))
+    study = RetryFirstStudy(study_name=space.name, storage=_open_storage(storage_url, existing=True),
+                            sampler=_sampler(space), pruner=_pruner())
     handle = StudyHandle(study, space, study_dir_for(space.name, studies_dir), storage_url)
     _optimize(handle, target, progress=False, cache_dir=cache_dir)
+
+
+def _run_workers(handle: StudyHandle, payload: dict, workers: int, studies_dir, target: int, cache_dir,
+                 progress: bool) -> None:
+    """`workers` processes on the study; a worker that dies costs no configuration: the others
+    (or this process, once they are done) re-run its trial first and finish the study."""
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(payload, str(studies_dir), handle.storage_url,
+                                                      target, cache_dir)) for _ in range(workers)]
+    for p in procs:
+        p.start()
+    running = list(procs)
+    while running:  # reap each worker as it ends, so a dead one is not left a zombie that looks alive
+        ended = multiprocessing.connection.wait([p.sentinel for p in running])
+        for p in [p for p in running if p.sentinel in ended]:
+            p.join()
+            running.remove(p)
+    died = [p.exitcode for p in procs if p.exitcode != 0]
+    if died:
+        message = (f"{len(died)} of {workers} worker process(es) exited with codes {died}; their trials are "
+                   f"recorded as interrupted and run again")
+        log.warning(message)
+        if progress:
+            print(message)
+        _optimize(handle, target, progress=False, cache_dir=cache_dir)
 
 
 def run_study(
@@ -449,9 +588,9 @@ def run_study(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     handle = _prepare_study(space, space_path, studies_dir, storage, workers)
-    recovered = recover_interrupted(handle.study)
+    recovered = recover_interrupted(handle.study, requeue_failed=True)
     if recovered and progress:
-        print(f"recovered {recovered} interrupted trial(s): enqueued again")
+        print(f"recovered {recovered} interrupted trial(s): they run again first")
     anchors = enqueue_named_variants(handle)
     if anchors and progress:
         print(f"evaluating the named variants first: {', '.join(anchors)}")
@@ -460,16 +599,7 @@ def run_study(
         _optimize(handle, target, progress, cache_dir)
     else:
         payload = {"data": raw if raw is not None else space.to_dict(), "source": space.source, "name": space.name}
-        ctx = multiprocessing.get_context("spawn")
-        procs = [ctx.Process(target=_worker_main, args=(space_path, payload, str(studies_dir), handle.storage_url,
-                                                          target, cache_dir)) for _ in range(workers)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        bad = [p.exitcode for p in procs if p.exitcode != 0]
-        if bad:
-            raise StudyError(f"{len(bad)} worker process(es) exited with codes {bad}")
+        _run_workers(handle, payload, workers, studies_dir, target, cache_dir, progress)
     if report:
         from .report import write_report
 
@@ -496,7 +626,8 @@ def trials_frame(handle: StudyHandle):
             "val_loss": train.get("val_loss"), "mqar_accuracy": train.get("mqar_accuracy"),
             "train_wall_s": train.get("wall_s"), "tokens_per_s": train.get("tokens_per_s"),
             "latency_source": attrs.get("latency_source"), "duplicate_of": attrs.get("duplicate_of"),
-            "fail_reason": attrs.get("fail_reason") or attrs.get("prune_reason"),
+            "fail_reason": attrs.get("fail_reason") or attrs.get("prune_reason")
+            or (f"{INTERRUPTED} (no result, no reason: its worker was lost)" if is_interrupted(t) else None),
             "fingerprint_id": (attrs.get("timing") or [{}])[0].get("fingerprint_id"),
             "backend": (attrs.get("timing") or [{}])[0].get("backend"),
             "datetime_start": t.datetime_start, "duration_s": t.duration.total_seconds() if t.duration else None,

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,7 @@ import pytest
 from optuna.trial import TrialState
 
 from sqa_search.report import pareto_table, write_report
-from sqa_search.study import StudyError, finished_count, open_study, run_study
+from sqa_search.study import StudyError, _pid_alive, finished_count, is_interrupted, open_study, run_study
 from study_helpers import space_file
 
 TINY = {
@@ -100,47 +101,60 @@ def _finished(storage_url, name):
         return 0
 
 
-def _running(storage_url, name):
+def _running(storage_url, name, number=None):
+    """Whether trial `number` (any, if None) is inside its objective and began under a second ago:
+    a signal sent now lands mid-trial, whatever the machine's speed."""
     if not storage_url.startswith("sqlite:///") or not Path(storage_url[len("sqlite:///"):]).exists():
         return False
     try:
         study = optuna.load_study(study_name=name, storage=storage_url)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        return any("spec_key" in t.user_attrs for t in running)  # well inside its objective
     except Exception:  # still being created by the subprocess
         return False
+    now = datetime.now()  # Optuna's clock: local, naive
+    return any("spec_key" in t.user_attrs and (now - t.datetime_start).total_seconds() < 1.0
+               and number in (None, t.number) for t in running)
 
 
 @pytest.mark.slow
-def test_killed_run_loses_nothing_and_rerun_completes(tmp_path):
-    path = _space_file(tmp_path, name="killme", study={"trials": 6},
+def test_killed_run_loses_nothing_and_reruns_the_interrupted_configuration_first(tmp_path):
+    # issue 11.7: `--trials 3` killed during the second anchor, then the same command again, once
+    # evaluated the third anchor and a random proposal, and never the interrupted anchor
+    path = _space_file(tmp_path, name="killme", study={"trials": 3},
                        training={"budget_steps": 60})  # a few seconds a trial: long enough to be killed mid-trial
     studies = tmp_path / "studies"
     cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--studies-dir", str(studies), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     storage = f"sqlite:///{(studies / 'killme' / 'study.db').resolve()}"
     deadline = time.time() + 240
-    # kill as soon as two trials are done and a third is running: mid-trial, whatever the machine's speed
-    while time.time() < deadline and not (_finished(storage, "killme") >= 2 and _running(storage, "killme")):
+    # kill in the second trial (an anchor), with the third anchor still waiting behind it
+    while time.time() < deadline and proc.poll() is None and not _running(storage, "killme", number=1):
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     study = optuna.load_study(study_name="killme", storage=storage)
     done_before = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    assert len(done_before) >= 2
-    assert study.get_trials(states=(TrialState.RUNNING,)), "the kill should have interrupted a trial"
+    killed = study.get_trials(states=(TrialState.RUNNING,))
+    assert done_before and len(killed) == 1, "the kill should have interrupted a trial"
+    assert study.get_trials(states=(TrialState.WAITING,)), "an anchor should still be waiting behind it"
 
     handle = run_study(path, studies_dir=studies, progress=False, report=False)
     study = handle.study
-    assert finished_count(study) == 6
+    assert finished_count(study) == 3
     after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
     assert all(after[n] == when for n, when in done_before.items())  # none lost, none recomputed
-    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,))
-                   if t.user_attrs.get("fail_reason", "").startswith("interrupted")]
-    assert len(interrupted) == 1
-    assert not study.get_trials(states=(TrialState.RUNNING,))
-    keys = _complete_keys(study)
-    assert len(keys) == len(set(keys))
+    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,)) if is_interrupted(t)]
+    assert [t.number for t in interrupted] == [killed[0].number]
+    assert interrupted[0].user_attrs["fail_reason"].startswith("interrupted (worker process")
+    resumed = sorted((t for t in study.trials if t.number not in done_before and t.number != killed[0].number),
+                     key=lambda t: t.datetime_start)
+    rerun = resumed[0]  # the first trial the resumed run started
+    assert rerun.user_attrs["retry_of"] == killed[0].number and rerun.params == killed[0].params
+    assert rerun.state == TrialState.COMPLETE
+    # every anchor evaluated exactly once; the interrupted trial took none of the budget of 3
+    anchors = [t.user_attrs["anchor"] for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert sorted(anchors) == ["MHA 4q/4kv", "SQA 2q/1kv", "xSQA 1q/1kv"]
+    assert not study.get_trials(states=(TrialState.RUNNING,)) and not study.get_trials(states=(TrialState.WAITING,))
 
 
 @pytest.mark.slow
@@ -184,3 +198,42 @@ def test_constrained_mode_minimises_loss_under_a_latency_budget_and_prunes(tmp_p
     assert all(t.intermediate_values for t in done)  # reported to the pruner
     frame, front, hv = pareto_table(handle)
     assert not front.empty
+
+
+def test_a_killed_worker_not_yet_reaped_counts_as_dead():
+    # a zombie answers kill(pid, 0); taking it for alive left its trial RUNNING until the parent
+    # reaped it, and the study meanwhile spent the budget on other trials
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        assert _pid_alive(child.pid)
+        child.send_signal(signal.SIGKILL)
+        deadline = time.time() + 10
+        while _pid_alive(child.pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _pid_alive(child.pid)
+        assert child.poll() is not None  # reaped only now: it was a zombie while judged dead
+    finally:
+        child.kill()
+        child.wait()
+
+
+@pytest.mark.slow
+def test_ctrl_c_mid_trial_costs_no_configuration(tmp_path):
+    path = _space_file(tmp_path, name="ctrlc", study={"trials": 3}, training={"budget_steps": 60})
+    studies = tmp_path / "studies"
+    cmd = [sys.executable, "-m", "sqa_search.cli", "run", str(path), "--studies-dir", str(studies), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = f"sqlite:///{(studies / 'ctrlc' / 'study.db').resolve()}"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not _running(storage, "ctrlc", number=1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C: KeyboardInterrupt inside the objective
+    assert proc.wait(timeout=60) != 0
+    stopped = [t for t in open_study(studies / "ctrlc").study.trials if t.state == TrialState.FAIL]
+    assert [t.user_attrs["fail_reason"] for t in stopped] == ["interrupted (KeyboardInterrupt)"]
+
+    study = run_study(path, studies_dir=studies, progress=False, report=False).study
+    rerun = min((t for t in study.trials if t.number > stopped[0].number and t.datetime_start),
+                key=lambda t: t.datetime_start)
+    assert rerun.user_attrs["retry_of"] == stopped[0].number and rerun.state == TrialState.COMPLETE
+    assert finished_count(study) == 3 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
