@@ -66,7 +66,7 @@ FLAG_CASES = {
     "run: --max-concurrent 0": (["run", "{space}", "--backend", "ray", "--max-concurrent", "0"], None, r"max.concurrent.*0"),
     "run: --max-retries -1": (["run", "{space}", "--backend", "ray", "--max-retries", "-1"], None, r"max.retries.*-1"),
     "run: --name with a slash": (["run", "{space}", "--name", "a/b"], None, r"name='a/b'.*without slashes"),
-    "show: missing folder": (["show"], "{tmp}/nope", r"nope.*(study\.json|no study)"),
+    "show: missing folder": (["show"], "{tmp}/nope", r"no study at '.*nope': the folder does not exist"),
     "show: empty folder": (["show"], "{empty}", r"no study.*study\.json"),
     "recommend: unknown hardware": (["recommend", "--hardware", "tpu9", "--seq-len", "1k"], None, r"--hardware 'tpu9'.*h100"),
     "recommend: --seq-len 0": (["recommend", "--hardware", "h100", "--seq-len", "0"], None, r"seq.len.*0"),
@@ -345,7 +345,7 @@ def test_bad_python_api(case):
 @pytest.mark.slow
 def test_errors_in_a_real_process(tmp_path):
     exe = [sys.executable, "-m", "sqa_search.cli"]
-    for argv, pattern in [(["show", str(tmp_path / "nope")], "study.json"),
+    for argv, pattern in [(["show", str(tmp_path / "nope")], "folder does not exist"),
                           (["bench", "--seq-lens", "abc"], "'abc'"),
                           (["export", "--help"], None)]:
         proc = subprocess.run(exe + argv, capture_output=True, text=True, cwd=tmp_path, timeout=120)
