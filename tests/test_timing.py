@@ -382,8 +382,11 @@ def test_flex_that_would_run_eagerly_is_an_error_record_not_a_timing(cache):
     the layer refuses (FlexFallbackError), the timing becomes an error record (a study's trial
     then fails with this reason) and nothing is cached."""
     wide = AttentionSpec.variant("swsqa", 2 * D, H, window=32)  # head_dim 16: compiled flex allowed
-    with torch._dynamo.config.patch(disable=True):
-        r = time_spec(wide, seq_len=128, mode="prefill", backend="flex", cache_dir=cache, **FAST)
+    try:
+        with torch._dynamo.config.patch(disable=True):
+            r = time_spec(wide, seq_len=128, mode="prefill", backend="flex", cache_dir=cache, **FAST)
+    finally:
+        torch._dynamo.reset()  # as in test_attention: disabled dynamo leaves eager flex's wrapper skipped
     assert r.status == "error" and r.median_s is None
     assert "FlexFallbackError" in r.error and "eager" in r.error
     assert cached_timings(cache) == []
