@@ -367,6 +367,7 @@ def _blocked_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, heads:
 
     Returns (pairs, query rows, key rows the kernel reads, mask bytes, SDPA calls) per
     (batch, head): every query row, padding included, scores the P = p*blk + G keys of its run.
+    q, k and v all have `heads` heads here (K/V were expanded, or rSQA's queries gathered).
     """
     eb, hd, g = b.eb, spec.head_dim, spec.n_global
     lay = BlockedLayout.of(_rule(spec), n, g)
@@ -445,7 +446,7 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
         if g:
             b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)
     elif path == "blocked":
-        pairs, q_len, k_len, mask_bytes, calls = _blocked_phases(b, spec, batch, n, kv_heads_read, p)
+        pairs, q_len, k_len, mask_bytes, calls = _blocked_phases(b, spec, batch, n, heads, p)
     else:  # sdpa-masked: dense (N, N+G) mask built every call, every pair computed
         pairs = n * (n + g)
         b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)
