@@ -41,6 +41,11 @@ Counting conventions (why the numbers are what they are):
   is (global tokens in its first slots, no copy for any grouping). Calibration can only fit
   what the model's phases describe, so the phases follow the code, and tests/test_cost.py
   checks them against the layer's own FLOPs and kernels.
+* ``launches`` count kernels (non-view ops; exact for prefill and decode on CPU, approximate
+  for the backward). View ops are not counted, though on a CPU each costs about as much
+  dispatch time (~1 us) as a tiny kernel: the blocked path runs about twice the SDPA path's
+  views (83 against 40 per forward of a causal SW-SQA layer), so a CPU fit under-predicts
+  windowed layers where overhead dominates (N of a few hundred).
 
 Calibration (`calibrate`): least squares on log time, made robust (soft-L1, so one stalled
 timing on a shared machine cannot drag the fit) and pulled weakly towards the starting factors
