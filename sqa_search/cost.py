@@ -44,8 +44,8 @@ Counting conventions (why the numbers are what they are):
 * ``launches`` count kernels (non-view ops; exact for prefill and decode on CPU, approximate
   for the backward). View ops are not counted, though on a CPU each costs about as much
   dispatch time (~1 us) as a tiny kernel: the blocked path runs about twice the SDPA path's
-  views (83 against 40 per forward of a causal SW-SQA layer), so a CPU fit under-predicts
-  windowed layers where overhead dominates (N of a few hundred).
+  views (83 per forward of SW-SQA at d_model 128, against 40-46 for full attention), so a
+  CPU fit under-predicts windowed layers where overhead dominates (N of a few hundred).
 
 Calibration (`calibrate`): least squares on log time, made robust (soft-L1, so one stalled
 timing on a shared machine cannot drag the fit) and pulled weakly towards the starting factors
