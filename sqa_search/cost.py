@@ -33,9 +33,19 @@ Counting conventions (why the numbers are what they are):
   prefill FLOPs then equal ``AttentionSpec.attention_flops``. With ``device_type`` ("cuda" or
   "cpu", which `predict` takes from the profile) they mirror what `SparseQueryAttention`
   actually runs there: tile-granular causal and windowed work (flash/flex tiles on CUDA; the
-  CPU flash kernel's 512-key blocks; the blocked window path's padded blocks), K/V expansion
-  copies where the grouped kernel is not used, masks, concatenations and eager RoPE passes.
-  Calibration can only fit what the model's phases describe, so the phases follow the code.
+  CPU flash kernel's 512-key blocks; the blocked window path's runs of p*blk + G keys per
+  query row, from `sqa_search.masks.BlockedLayout` itself), K/V expansion copies where the
+  grouped kernel is not used, the blocked layout's pads and its backward's slice gradients,
+  masks, concatenations, and RoPE as the layer runs it (weight rows put in pair order, the
+  cos/sin tables built for q and for k, one complex multiply). Decode reads the cache as it
+  is (global tokens in its first slots, no copy for any grouping). Calibration can only fit
+  what the model's phases describe, so the phases follow the code, and tests/test_cost.py
+  checks them against the layer's own FLOPs and kernels.
+* ``launches`` count kernels (non-view ops; exact for prefill and decode on CPU, approximate
+  for the backward). View ops are not counted, though on a CPU each costs about as much
+  dispatch time (~1 us) as a tiny kernel: the blocked path runs about twice the SDPA path's
+  views (83 per forward of SW-SQA at d_model 128, against 40-46 for full attention), so a
+  CPU fit under-predicts windowed layers where overhead dominates (N of a few hundred).
 
 Calibration (`calibrate`): least squares on log time, made robust (soft-L1, so one stalled
 timing on a shared machine cannot drag the fit) and pulled weakly towards the starting factors
@@ -69,8 +79,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .spec import AttentionSpec
 from .errors import UserError
+from .masks import BlockedLayout, Visibility
+from .spec import AttentionSpec
 
 __all__ = [
     "CostError",
@@ -121,10 +132,10 @@ DTYPES: dict[str, tuple[str, int]] = {
 
 # Kernel facts the implementation-mirroring counts rely on (see the module docstring).
 CPU_FLASH_KV_SPLIT = 512  # torch's CPU flash kernel walks keys in blocks of 512
-CPU_BLOCKED_MIN_BLOCK = 64  # attention.MIN_BLOCK: the blocked window path's smallest query block
+# attention.FLEX_MIN_HEAD_DIM (not imported: attention imports torch, this module must not):
+# below it, auto takes the blocked path on CUDA too. tests/test_cost.py checks they agree.
+FLEX_MIN_HEAD_DIM = 16
 SOFTMAX_FLOPS_PER_PAIR = 5
-ROPE_EAGER_PASSES = 10  # element reads+writes of eager apply_rope: neg, cat, 2 muls, add
-ROPE_EAGER_LAUNCHES = 5
 
 _SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
 _ALIASES = {
@@ -232,28 +243,25 @@ def _cpu_q_split(n: int) -> int:
 
 
 def _flex_pairs(spec: AttentionSpec, n: int, tile: int) -> int:
-    """Pairs a block-sparse (flex) kernel computes: every (query tile, key tile) the mask touches,
-    in full, over keys [sequence; global tokens]."""
-    w, g = spec.window, spec.n_global
+    """Pairs a block-sparse (flex) kernel computes: every (query tile, key tile) the rule
+    touches, in full, over keys [sequence; global tokens] (the tiles `masks.flex_kv_blocks`
+    marks, whether full or partial). Spans come from the rule itself (`Visibility.key_span`)."""
+    rule, g = _rule(spec), spec.n_global
+    g_first, g_last = n // tile, (n + g - 1) // tile  # the tiles holding the global keys
     total = 0
     for start in range(0, n, tile):
         rows = min(tile, n - start)
-        last = start + rows - 1
-        if spec.causal:
-            lo = 0 if w is None else max(0, start - w + 1)
-            hi = last
-        else:
-            lo = 0 if w is None else max(0, start - w + 1)
-            hi = n - 1 if w is None else min(n - 1, last + w - 1)
-        first_blk, last_blk = lo // tile, hi // tile
-        keys = (last_blk - first_blk + 1) * tile
-        if g:
-            # global keys sit after the sequence; the tile holding them is computed in full
-            g_first, g_last = n // tile, (n + g - 1) // tile
-            extra = [b for b in range(g_first, g_last + 1) if b > last_blk or b < first_blk]
-            keys += len(extra) * tile
-        total += rows * keys
+        # spans grow with the query: the tile's first query has the lowest, its last the highest
+        first_blk, last_blk = rule.key_span(start, n)[0] // tile, rule.key_span(start + rows - 1, n)[1] // tile
+        blocks = last_blk - first_blk + 1
+        if g:  # a global tile the sequence's span already covers is computed once
+            blocks += sum(1 for t in range(g_first, g_last + 1) if t > last_blk or t < first_blk)
+        total += rows * blocks * tile
     return total
+
+
+def _rule(spec: AttentionSpec) -> Visibility:
+    return Visibility(spec.causal, spec.window)
 
 
 def _attention_path(spec: AttentionSpec, n: int, device_type: str | None) -> str:
@@ -263,7 +271,7 @@ def _attention_path(spec: AttentionSpec, n: int, device_type: str | None) -> str
     windowed = spec.window is not None and spec.window < n
     if not windowed and spec.n_global == 0:
         return "sdpa"
-    if device_type == "cuda":
+    if device_type == "cuda" and spec.head_dim >= FLEX_MIN_HEAD_DIM:
         return "flex"
     return "blocked" if windowed else "sdpa-masked"
 
@@ -282,6 +290,118 @@ def _expands_kv(spec: AttentionSpec, path: str, device_type: str | None, peak_ke
     return True  # blocked and sdpa-masked group with allow_native_gqa=False
 
 
+def _rope_phases(b: _Builder, spec: AttentionSpec, rows: int, positions: int, impl: bool, p: str) -> None:
+    """RoPE on q and k: one complex multiply per rotated pair (attention._rope_paired)."""
+    hd, eb = spec.head_dim, b.eb
+    elems = rows * (spec.n_q_heads + spec.n_kv_heads) * hd
+    if not impl:
+        b.elementwise(p + "rope", eb * 2 * elems, 3 * elems, 1)
+        return
+    # q and k are projected with their rows in pair order: reorder the (smaller) weight rows,
+    # or the outputs when there are fewer tokens than d_model (decode); backward is a zero
+    # fill plus an index_add
+    few = rows <= spec.d_model
+    reordered = rows if few else spec.d_model
+    b.add(p + "qk_reorder", 0, eb * 2 * reordered * (spec.n_q_heads + spec.n_kv_heads) * hd, "elementwise",
+          2 + (2 if spec.bias and not few else 0), (0.0, 1.5, 2.0))
+    # rope_tables runs once for q and once for k (no gradient): 10 small ops, then torch.complex;
+    # float32 tables of (positions, hd): angles, cat, cos, sin, complex ~ 8 table-sized passes
+    b.elementwise(p + "rope_tables", 2 * 4 * 8 * positions * hd, 2 * 8 * positions * hd, 2 * 11, grad=False)
+    # the multiply reads and writes each element once in float32; other dtypes add a cast to
+    # float32 and back (no complex bf16/fp16). Backward: conj, clone (tiny), multiply
+    if eb == 4:
+        nbytes, launches = eb * 2 * elems, 2
+    else:
+        nbytes, launches = elems * (2 * eb + 16), 6
+    b.add(p + "rope", 3 * elems, nbytes, "elementwise", launches, (1.0, 1.0, 2 * 3 / launches))
+
+
+def _decode_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, impl: bool, p: str) -> str:
+    """One token against a cache holding n tokens (attention.decode): the global tokens sit in
+    the cache's first slots (written once by new_cache), the step reads the cache as it is."""
+    eb, hd, hkv, heads, g = b.eb, spec.head_dim, spec.n_kv_heads, spec.n_attn_heads, spec.n_global
+    cached = n + 1 if spec.window is None else min(n + 1, spec.window)  # the cache plus the new token
+    keys = cached + g
+    b.elementwise(p + "cache_write", eb * 2 * 2 * batch * hkv * hd, 0, 2 if impl else 1, grad=False)
+    q_rows = heads  # query rows the kernel scores, per sequence
+    if impl and spec.n_q_heads > hkv:
+        # query heads folded into (H_kv, rows) groups: uneven groups pad the short ones with a
+        # repeated head and gather q before, and the output after (tiny index_selects)
+        q_rows = hkv * -(-spec.n_q_heads // hkv)
+        if spec.grouping == "uneven":
+            b.elementwise(p + "fold_q", eb * 2 * batch * (spec.n_q_heads + q_rows) * hd, 0, 2, grad=False)
+    elif impl and spec.grouping == "reverse":
+        b.elementwise(p + "q_gather", eb * batch * (spec.n_q_heads + heads) * hd, 0, 1, grad=False)
+    # every KV head's cache is read once: grouped and uneven heads never copy it
+    q_read = eb * batch * q_rows * hd
+    b.add(p + "scores", 2 * batch * q_rows * hd * keys, q_read + eb * batch * hkv * keys * hd, "attention", 1, None)
+    b.add(p + "softmax", SOFTMAX_FLOPS_PER_PAIR * batch * q_rows * keys, 0, "elementwise", 0, None)
+    b.add(p + "av", 2 * batch * q_rows * hd * keys, eb * batch * (hkv * keys + q_rows) * hd, "attention", 0, None)
+    # no merge copy: one token's (B, H, 1, hd) output is already laid out as (B, 1, H * hd)
+    b.linear(p + "o_proj", batch, heads * hd, spec.d_model, spec.bias)
+    return "decode" if impl else "ideal"
+
+
+def _global_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, impl: bool, p: str) -> None:
+    """Global tokens' keys and values (and, bidirectional, their pass over the sequence)."""
+    eb, d, hd, g = b.eb, spec.d_model, spec.head_dim, spec.n_global
+    hq, hkv, heads = spec.n_q_heads, spec.n_kv_heads, spec.n_attn_heads
+    bg = batch * g
+    reorder = 1 if impl and spec.rope else 0  # q and k outputs put in RoPE's pair order (no RoPE: no position)
+    # the learned tokens, expanded over the batch, are copied before each of their first projections
+    copies = 1 if impl and batch > 1 else 0
+    if not spec.causal:
+        b.linear(p + "global_q", bg, d, hq * hd, spec.bias, launches=1 + reorder + copies)
+        b.linear(p + "global_kv_in", bg, d, 2 * hkv * hd, spec.bias, launches=2 + reorder + 2 * copies)
+        g_kv_heads = hkv
+        if impl:
+            b.elementwise(p + "global_concat", eb * 2 * 2 * batch * hkv * (n + g) * hd, 0, 2)
+            if spec.grouping != "reverse" and hq != hkv:
+                g_kv_heads = heads
+                b.elementwise(p + "global_expand", eb * 2 * batch * (n + g) * hd * (hkv + heads), 0, 2)
+        g_pairs = g * (n + g)
+        b.add(p + "global_attn", 4 * batch * heads * hd * g_pairs,
+              eb * batch * hd * (2 * heads * g + 2 * g_kv_heads * (n + g)), "attention", 1, (2.5, 2.0, 1.0))
+        b.linear(p + "global_o", bg, heads * hd, d, spec.bias)
+    b.linear(p + "global_kv", bg, d, 2 * hkv * hd, spec.bias,
+             launches=2 + reorder + (0 if not spec.causal else 2 * copies))
+
+
+def _blocked_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, heads: int, p: str):
+    """The blocked window path's copies (attention._blocked with masks.BlockedLayout).
+
+    Returns (pairs, query rows, key rows the kernel reads, mask bytes, SDPA calls) per
+    (batch, head): every query row, padding included, scores the P = p*blk + G keys of its run.
+    q, k and v all have `heads` heads here (K/V were expanded, or rSQA's queries gathered).
+    """
+    eb, hd, g = b.eb, spec.head_dim, spec.n_global
+    lay = BlockedLayout.of(_rule(spec), n, g)
+    ph, npad, period = lay.phases, lay.nb * lay.blk, lay.period
+    seq_buf = (lay.nb // ph + 1) * ph * lay.blk  # padded keys (one period past the last run)
+    buf = (lay.nb // ph + 1) * period  # the key buffer: seq_buf plus one copy of the globals per period
+    # forward, in elements per (batch, head, dim): pad q; pad k and v (and with globals, cat
+    # each into periods); stack the phases' outputs back in token order. The output projection
+    # reads that as it is, unless batch > 1 and padding must be cut off (one more copy).
+    fwd = (n + npad) + 2 * (n + seq_buf) + (2 * 2 * buf if g else 0) + 2 * npad
+    fwd_launches = 4 + (2 if g else 0)
+    cut = batch > 1 and npad != n
+    if cut:
+        fwd, fwd_launches = fwd + 2 * n, fwd_launches + 1
+    # backward: each phase's slice of q, k and v gets a full-size zero gradient (slice_backward)
+    # that p - 1 adds sum up, then the pads are cut off again (and the globals summed)
+    bwd = (ph * npad + 2 * npad + 3 * (ph - 1) * npad + 2 * n) + 2 * (ph * buf + 2 * lay.nb * period
+                                                                    + 3 * (ph - 1) * buf + 2 * n)
+    bwd += npad + 2 * n + (2 * 2 * seq_buf if g else 0) + (2 * n if cut else 0)
+    bwd_launches = 1 + 3 * 2 * ph + (4 if g else 0) + (1 if cut else 0)
+    scale = eb * batch * heads * hd
+    b.add(p + "window_blocks", 0, scale * fwd, "elementwise", fwd_launches,
+          (0.0, bwd / fwd, bwd_launches / fwd_launches))
+    # the additive masks are built once per shape and cached by the layer; the kernel reads
+    # them (broadcast over batch and heads) at every call
+    mask_bytes = eb * lay.nb * lay.blk * period
+    return npad * period, npad, lay.nb * period, mask_bytes, ph
+
+
 def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile, prefix="attn.") -> str:
     """Attention layer phases into builder `b`; returns the attention path name."""
     eb = b.eb
@@ -292,74 +412,31 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
     rows = batch if decode else batch * n  # tokens going through the projections
     p = prefix
 
+    if impl:  # the token positions, made every call (RoPE or not)
+        b.elementwise(p + "positions", 8 * (1 if decode else n), 0, 1, grad=False)
     b.linear(p + "q_proj", rows, d, hq * hd, spec.bias)
     b.linear(p + "k_proj", rows, d, hkv * hd, spec.bias)
     b.linear(p + "v_proj", rows, d, hkv * hd, spec.bias)
-
     if spec.rope:
-        elems = rows * (hq + hkv) * hd
-        if impl:
-            # rope_tables is recomputed every call (~10 small ops, no gradient)
-            positions = 1 if decode else n
-            b.elementwise(p + "rope_tables", 4 * positions * hd * 6, 8 * positions * hd, 10, grad=False)
-            b.elementwise(p + "rope", eb * ROPE_EAGER_PASSES * elems, 3 * elems, 2 * ROPE_EAGER_LAUNCHES)
-        else:
-            b.elementwise(p + "rope", eb * 2 * elems, 3 * elems, 1)
-
+        _rope_phases(b, spec, rows, 1 if decode else n, impl, p)
     if decode:
-        cached = n + 1 if spec.window is None else min(n + 1, spec.window)  # the cache plus the new token
-        keys = cached + g
-        path = "ideal" if not impl else "decode"
-        b.elementwise(p + "cache_write", eb * 2 * 2 * batch * hkv * hd, 0, 2 if impl else 1, grad=False)
-        if impl and g:
-            # the layer re-projects its global tokens every step and concatenates them to the cache
-            b.linear(p + "global_kv", batch * g, d, 2 * hkv * hd, spec.bias, launches=2)
-            b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * hkv * keys * hd, 0, 2, grad=False)
-        # attention.decode folds query-head groups onto the grouped cache; only uneven groups expand
-        expand = impl and spec.grouping == "uneven"
-        kv_heads_read = heads if expand else hkv
-        if expand:
-            b.elementwise(p + "expand_kv", eb * 2 * batch * keys * hd * (hkv + heads), 0, 2, grad=False)
-        q_read = eb * batch * heads * hd
-        b.add(p + "scores", 2 * batch * heads * hd * keys, q_read + eb * batch * kv_heads_read * keys * hd,
-              "attention", 1, None)
-        b.add(p + "softmax", SOFTMAX_FLOPS_PER_PAIR * batch * heads * keys, 0, "elementwise", 0, None)
-        b.add(p + "av", 2 * batch * heads * hd * keys, eb * batch * (kv_heads_read * keys + heads) * hd,
-              "attention", 0, None)
-        if impl:
-            b.elementwise(p + "merge", eb * 2 * batch * heads * hd, 0, 1)
-        b.linear(p + "o_proj", rows, heads * hd, d, spec.bias)
-        return path
+        return _decode_phases(b, spec, batch, n, impl, p)
 
     path = _attention_path(spec, n, device_type)
-
-    # global tokens' keys and values (and, bidirectional, their pass over the sequence)
     if g:
-        bg = batch * g
-        if not spec.causal:
-            b.linear(p + "global_q", bg, d, hq * hd, spec.bias)
-            b.linear(p + "global_kv_in", bg, d, 2 * hkv * hd, spec.bias, launches=2)
-            g_kv_heads = hkv
-            if impl:
-                b.elementwise(p + "global_concat", eb * 2 * 2 * batch * hkv * (n + g) * hd, 0, 2)
-                if spec.grouping != "reverse" and hq != hkv:
-                    g_kv_heads = heads
-                    b.elementwise(p + "global_expand", eb * 2 * batch * (n + g) * hd * (hkv + heads), 0, 2)
-            g_pairs = g * (n + g)
-            b.add(p + "global_attn", 4 * batch * heads * hd * g_pairs,
-                  eb * batch * hd * (2 * heads * g + 2 * g_kv_heads * (n + g)), "attention", 1, (2.5, 2.0, 1.0))
-            b.linear(p + "global_o", bg, heads * hd, d, spec.bias)
-        b.linear(p + "global_kv", bg, d, 2 * hkv * hd, spec.bias, launches=2)
-
+        _global_phases(b, spec, batch, n, impl, p)
     expand = _expands_kv(spec, path, device_type, peak_key)
     kv_heads_read = heads if expand else hkv  # rSQA: heads == hkv, the query heads are gathered
     if spec.grouping == "reverse" and impl:
         b.elementwise(p + "q_gather", eb * batch * n * hd * (hq + hkv), 0, 1)
     if expand:
         b.elementwise(p + "expand_kv", eb * 2 * batch * n * hd * (hkv + heads), 0, 2)
+        if g:
+            b.elementwise(p + "global_expand_kv", eb * 2 * batch * g * hd * (hkv + heads), 0, 2)
 
-    # pairs the kernel computes per (batch, attention head), and the query/key lengths it reads
-    q_len, k_len = n, n + g
+    # pairs the kernel computes per (batch, attention head), the query/key rows it reads,
+    # the bytes of a mask it reads and how many calls it takes
+    q_len, k_len, mask_bytes, calls = n, n + g, 0, 1
     if path == "ideal":
         pairs = spec.visible_pairs(n) + n * g
     elif path == "sdpa":
@@ -374,36 +451,25 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
         if g:
             b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)
     elif path == "blocked":
-        blk = max(spec.window, tile)
-        nb = -(-n // blk)
-        span = 2 if spec.causal else 3
-        npad = nb * blk
-        keys_per_block = span * blk + g
-        pairs = npad * keys_per_block
-        q_len, k_len = npad, nb * keys_per_block
-        # pads, the unfold->reshape copies of q/k/v, the output un-blocking, global concat
-        elems = (n + npad) + 2 * npad  # q: pad, then fold into batch
-        elems += 2 * ((n + npad + (span - 1) * blk) + 2 * span * npad)  # k, v: pad, unfold copy
-        elems += 2 * npad  # output back to (B, H, N, hd)
-        if g:
-            elems += 2 * 2 * nb * keys_per_block
-        b.elementwise(p + "window_blocks", eb * batch * heads * hd * elems, 0, 8 + (4 if g else 0))
-        mask_elems = npad * span * blk
-        b.elementwise(p + "window_mask", 4 * mask_elems + batch * npad * keys_per_block * 6,
-                      4 * mask_elems, 10, grad=False)
-    else:  # sdpa-masked: dense (N, N+G) mask, every pair computed
+        pairs, q_len, k_len, mask_bytes, calls = _blocked_phases(b, spec, batch, n, heads, p)
+    else:  # sdpa-masked: dense (N, N+G) mask built every call, every pair computed
         pairs = n * (n + g)
         b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)
         b.elementwise(p + "mask", 8 * n * (n + g), 2 * n * (n + g), 6, grad=False)
 
-    # fused attention: scores, softmax, AV in one kernel (launch counted once); backward
-    # recomputes the scores: 3 score-sized matmuls (S, dQ, dK) and 2 AV-sized (dV, dP)
-    b.add(p + "scores", 2 * batch * heads * hd * pairs, eb * batch * hd * (heads * q_len + kv_heads_read * k_len),
-          "attention", 1, (3.0, 2.0, 1.0))
+    # fused attention: scores, softmax, AV in one kernel per call (SDPA paths add the
+    # kernel-choice query that names last_backend); backward recomputes the scores: 3
+    # score-sized matmuls (S, dQ, dK) and 2 AV-sized (dV, dP), one backward kernel per call
+    launches = calls + (1 if impl and path != "flex" else 0)
+    b.add(p + "scores", 2 * batch * heads * hd * pairs,
+          eb * batch * hd * (heads * q_len + kv_heads_read * k_len) + mask_bytes,
+          "attention", launches, (3.0, 2.0, calls / launches))
     b.add(p + "softmax", SOFTMAX_FLOPS_PER_PAIR * batch * heads * pairs, 0, "elementwise", 0, (1.6, 0.0, 0.0))
     b.add(p + "av", 2 * batch * heads * hd * pairs, eb * batch * hd * (kv_heads_read * k_len + heads * q_len),
           "attention", 0, (2.0, 2.0, 0.0))
-    if impl:
+    if impl and spec.grouping == "reverse" and path != "blocked":
+        # the kernels' output follows the query's layout: gathered (rSQA) queries are
+        # head-major, so merging heads copies; otherwise the output is token-major already
         b.elementwise(p + "merge", eb * 2 * batch * n * heads * hd, 0, 1)
     b.linear(p + "o_proj", rows, heads * hd, d, spec.bias)
     return path
