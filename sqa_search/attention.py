@@ -321,24 +321,28 @@ class SparseQueryAttention(nn.Module):
             gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
         plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2])
         qb, kb, vb = plan.queries(q), plan.keys(k, gk), plan.keys(v, gv)
-        masks = self._slot_mask(plan, q.device, q.dtype)
+        pieces = self._slot_mask(plan, q.device, q.dtype)
         p = plan.phases
+        outs = [[F.scaled_dot_product_attention(qb[ph::p][a:z], kb[ph][a:z], vb[ph][a:z],
+                                                attn_mask=m.expand(z - a, -1, -1, -1))
+                 for a, z, m in pieces[ph]] for ph in range(p)]
         name = "blocked"
         if not _tracing():
-            name = f"blocked/{_sdp_kernel(qb[0::p], kb[0], vb[0], attn_mask=masks[0])}"
-        outs = [F.scaled_dot_product_attention(qb[ph::p], kb[ph], vb[ph], attn_mask=masks[ph]) for ph in range(p)]
+            a, z, m = pieces[0][0]
+            name = f"blocked/{_sdp_kernel(qb[0:z * p:p], kb[0][:z], vb[0][:z], attn_mask=m.expand(z - a, -1, -1, -1))}"
         return plan.unblock(outs, q.shape), name
 
     def _slot_mask(self, plan, device, dtype):
-        """The blocked path's additive masks (one per phase), cached per shape: building it each call cost as
-        much as the attention itself on CPU. Built outside inference mode so that a mask first
-        made under a no-grad timing can serve a later training step."""
+        """The blocked path's additive masks (per phase, (start, stop, mask) pieces of its runs),
+        cached per shape: building them each call cost as much as the attention itself on CPU.
+        Built outside inference mode so that a mask first made under a no-grad timing can serve
+        a later training step."""
         key = (plan, str(device), dtype)
         cached = None if _tracing() else self._mask_cache.get(key)
         if cached is not None:
             return cached
         with torch.inference_mode(False):
-            mask = tuple(plan.mask(self.rule, ph, device, dtype) for ph in range(plan.phases))
+            mask = tuple(plan.pieces(self.rule, ph, device, dtype) for ph in range(plan.phases))
         if not _tracing():
             if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
                 self._mask_cache.clear()
