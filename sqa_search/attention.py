@@ -319,12 +319,14 @@ class SparseQueryAttention(nn.Module):
         gk = gv = None
         if g_kv is not None:
             gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-        plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2])
+        # With grad, one call per phase and coarser blocks: in backward each slice of q, k, v
+        # costs a full-size zero gradient (see BlockedLayout.of), more than a small mask saves
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gk, gv))
+        plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2], grad)
         qb, kb, vb = plan.queries(q), plan.keys(k, gk), plan.keys(v, gv)
-        pieces = self._slot_mask(plan, q.device, q.dtype)
+        pieces = self._slot_mask(plan, q.device, q.dtype, whole=grad)
         p = plan.phases
-        outs = [[F.scaled_dot_product_attention(qb[ph::p][a:z], kb[ph][a:z], vb[ph][a:z],
-                                                attn_mask=m.expand(z - a, -1, -1, -1))
+        outs = [[F.scaled_dot_product_attention(*_runs(a, z, qb[ph::p], kb[ph], vb[ph]), attn_mask=m.expand(z - a, -1, -1, -1))
                  for a, z, m in pieces[ph]] for ph in range(p)]
         name = "blocked"
         if not _tracing():
@@ -332,17 +334,17 @@ class SparseQueryAttention(nn.Module):
             name = f"blocked/{_sdp_kernel(qb[0:z * p:p], kb[0][:z], vb[0][:z], attn_mask=m.expand(z - a, -1, -1, -1))}"
         return plan.unblock(outs, q.shape), name
 
-    def _slot_mask(self, plan, device, dtype):
+    def _slot_mask(self, plan, device, dtype, whole: bool):
         """The blocked path's additive masks (per phase, (start, stop, mask) pieces of its runs),
         cached per shape: building them each call cost as much as the attention itself on CPU.
         Built outside inference mode so that a mask first made under a no-grad timing can serve
         a later training step."""
-        key = (plan, str(device), dtype)
+        key = (plan, str(device), dtype, whole)
         cached = None if _tracing() else self._mask_cache.get(key)
         if cached is not None:
             return cached
         with torch.inference_mode(False):
-            mask = tuple(plan.pieces(self.rule, ph, device, dtype) for ph in range(plan.phases))
+            mask = tuple(plan.pieces(self.rule, ph, device, dtype, whole) for ph in range(plan.phases))
         if not _tracing():
             if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
                 self._mask_cache.clear()
@@ -441,6 +443,14 @@ class SparseQueryAttention(nn.Module):
         if self.spec.grouping != "gqa":
             o = o.index_select(1, self._unfold)
         return o.view(b, self.spec.n_q_heads, 1, hd)
+
+
+def _runs(start: int, stop: int, *tensors):
+    """Runs [start, stop) of each tensor; the tensors themselves when that is all of them (a
+    slice, even a whole one, costs a full-size zero gradient in backward)."""
+    if start == 0 and stop == tensors[0].shape[0]:
+        return tensors
+    return tuple(t[start:stop] for t in tensors)
 
 
 def _check_forced_backend(spec: AttentionSpec, backend: str) -> None:

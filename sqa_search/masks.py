@@ -47,9 +47,10 @@ __all__ = [
 ]
 
 FLEX_BLOCK = 128  # FlexAttention's default sparse block (torch 2.13)
-# Smallest query block of the blocked path: tiny windows would otherwise mean many tiny
-# matmuls whose overhead dominates; a larger block wastes a little arithmetic instead.
-MIN_BLOCK = 32
+# Smallest query block of the blocked path (forward only, with grad): tiny windows would
+# otherwise mean many tiny matmuls whose overhead dominates; a larger block wastes a little
+# arithmetic instead.
+MIN_BLOCK, MIN_BLOCK_GRAD = 32, 64
 
 
 @dataclass(frozen=True)
@@ -234,12 +235,15 @@ class BlockedLayout:
     after: int
 
     @classmethod
-    def of(cls, rule: Visibility, n: int, n_global: int) -> "BlockedLayout":
-        # Blocks of ~W/4 waste fewer keys than blocks of W/2 or W (a row scores p*blk + G keys;
-        # at W=128, G=16: 304 instead of 336 or 432 bidirectional, 176 instead of 208 or 288
-        # causal): measured faster at W=128 on CPU (1 thread) despite twice the SDPA calls of
-        # W/2 blocks. A multiple of 16 keeps SDPA's inner loops whole.
-        blk = -(-max(MIN_BLOCK, -(-rule.window // 4)) // 16) * 16
+    def of(cls, rule: Visibility, n: int, n_global: int, grad: bool = False) -> "BlockedLayout":
+        # Smaller blocks waste fewer keys (a row scores p*blk + G keys; at W=128, G=16,
+        # bidirectional: 304 with blocks of W/4, 336 of W/2, 432 of W; causal 176, 208, 288).
+        # Forward only, blocks of ~W/4: measured fastest at W=128 on CPU (1 thread). With grad,
+        # ~W/2: backward pays a full-size zero gradient per phase's slice of q, k and v, and W/4
+        # blocks have 9 phases instead of 5 (measured 1.35x slower fwd+bwd). A multiple of 16
+        # keeps SDPA's inner loops whole.
+        size, smallest = (2, MIN_BLOCK_GRAD) if grad else (4, MIN_BLOCK)
+        blk = -(-max(smallest, -(-rule.window // size)) // 16) * 16
         return cls(n, n_global, blk, -(-rule.back // blk), -(-rule.ahead // blk))
 
     @property
@@ -257,11 +261,17 @@ class BlockedLayout:
 
     def queries(self, q: torch.Tensor) -> torch.Tensor:
         """(B, H, N, hd) -> (nb, B*H, blk, hd): one copy, only the padded tail rows zeroed."""
+        import torch
+        import torch.nn.functional as F
+
         b, h, n, hd = q.shape
-        out = q.new_empty(b, h, self.nb * self.blk, hd)
-        out[:, :, :n] = q
-        out[:, :, n:] = 0
-        return out.view(b * h, self.nb, self.blk, hd).transpose(0, 1)
+        if torch.is_grad_enabled() and q.requires_grad:  # a slice write would clone the gradient in backward
+            out = F.pad(q, (0, 0, 0, self.nb * self.blk - n))
+        else:
+            out = q.new_empty(b, h, self.nb * self.blk, hd)
+            out[:, :, :n] = q
+            out[:, :, n:] = 0
+        return out.reshape(b * h, self.nb, self.blk, hd).transpose(0, 1)
 
     def keys(self, k: torch.Tensor, g: torch.Tensor | None) -> list:
         """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views.
@@ -269,14 +279,23 @@ class BlockedLayout:
         Written into one buffer of periods [G globals; p key blocks]: each key is copied once
         and only the padding is zeroed (pad-then-concatenate copied the keys twice and zeroed
         the whole padded tensor first)."""
+        import torch
+        import torch.nn.functional as F
+
         b, h, n, hd = k.shape
         periods = self.nb // self.phases + 1  # phases past 0 start inside a period and run into the next
         width = self.phases * self.blk  # sequence slots per period
-        buffer = k.new_empty(b, h, periods, self.period, hd)
-        if g is not None:
-            buffer[:, :, :, :self.n_global] = g.unsqueeze(2)
-        _fill_slots(buffer[:, :, :, self.n_global:], k, self.before * self.blk)
-        flat = buffer.view(b * h, periods * self.period, hd)
+        if torch.is_grad_enabled() and (k.requires_grad or (g is not None and g.requires_grad)):
+            # in backward, each slice write would clone the whole buffer's gradient: pad + concatenate
+            seq = F.pad(k, (0, 0, self.before * self.blk, periods * width - self.before * self.blk - n))
+            seq = seq.reshape(b, h, periods, width, hd)
+            buffer = seq if g is None else torch.cat([g.unsqueeze(2).expand(-1, -1, periods, -1, -1), seq], dim=3)
+        else:
+            buffer = k.new_empty(b, h, periods, self.period, hd)
+            if g is not None:
+                buffer[:, :, :, :self.n_global] = g.unsqueeze(2)
+            _fill_slots(buffer[:, :, :, self.n_global:], k, self.before * self.blk)
+        flat = buffer.reshape(b * h, periods * self.period, hd)
         runs = self.nb // self.phases
         return [flat[:, start:start + runs * self.period].reshape(b * h, runs, self.period, hd).transpose(0, 1)
                 for start in map(self._start, range(self.phases))]
@@ -289,7 +308,13 @@ class BlockedLayout:
         """Per phase, its outputs in run order (pieces of (runs, B*H, blk, hd), see `pieces`) ->
         (B, H, N, hd), a view of a (B, N, H, hd) tensor: the one copy here is the layout the
         output projection reads (query block i is phase i mod p)."""
+        import torch
+
         b, h, n, hd = shape
+        if all(len(pieces) == 1 for pieces in outs):  # one call per phase (with grad): stack them
+            tokens_first = [o.view(-1, b, h, self.blk, hd).permute(1, 0, 3, 2, 4) for (o,) in outs]
+            merged = torch.stack(tokens_first, dim=2).reshape(b, self.nb * self.blk, h, hd)
+            return merged[:, :n].transpose(1, 2)
         merged = outs[0][0].new_empty(b, self.nb // self.phases, self.phases, self.blk, h, hd)
         for phase, pieces in enumerate(outs):
             start = 0
@@ -307,11 +332,14 @@ class BlockedLayout:
         hi = (self.n // self.blk - self.after - 1 - phase) // p + 1
         return lo, max(lo, min(runs, hi))
 
-    def pieces(self, rule: Visibility, phase: int, device, dtype) -> list:
+    def pieces(self, rule: Visibility, phase: int, device, dtype, whole: bool = False) -> list:
         """A phase's runs as (start, stop, additive mask) pieces: the interior runs share one
         (1, 1, blk, P) mask row, broadcast (a small mask stays in cache: measured ~10% faster
-        SDPA on CPU than one mask per run); the few edge runs keep their own."""
+        SDPA on CPU than one mask per run); the few edge runs keep their own. ``whole``: one
+        piece, a mask per run."""
         full = self.mask(rule, phase, device, dtype)
+        if whole:
+            return [(0, len(full), full)]
         lo, hi = self.interior(phase)
         parts = [(0, lo, full[:lo].clone()), (lo, hi, full[lo:lo + 1].clone()), (hi, len(full), full[hi:].clone())]
         return [(start, stop, m) for start, stop, m in parts if stop > start]
