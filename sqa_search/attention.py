@@ -227,26 +227,32 @@ class SparseQueryAttention(nn.Module):
             return t.repeat_interleave(spec.n_q_heads // spec.n_kv_heads, dim=1)
         return t.index_select(1, self._kv_index)
 
-    def _global_kv(self, batch: int, k_seq=None, v_seq=None, dtype=None):
+    def _global_kv(self, batch: int, k_seq=None, v_seq=None, dtype=None, attend=None):
         """Global tokens' keys and values, (B, H_kv, G, hd) each.
 
         Causal: projections of the learned tokens (they see nothing). Bidirectional: the
         tokens first attend to the whole sequence and themselves; their updated states
         (token + attention output) give the keys and values the sequence then reads.
+        ``attend(q_g, k_g, v_g)`` runs that pass (default: over [k_seq; k_g], concatenated).
         """
         spec = self.spec
         tokens = self.global_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         if not spec.causal:
             q_g = self._q(tokens)  # global tokens have no position: no RoPE
-            k_all = torch.cat([k_seq, self._k(tokens)], dim=2)
-            v_all = torch.cat([v_seq, self._heads(self.v_proj(tokens), spec.n_kv_heads)], dim=2)
-            q_g, k_all, v_all, _ = self._group(q_g, k_all, v_all, allow_native_gqa=False)
-            o_g = F.scaled_dot_product_attention(q_g, k_all, v_all)
+            k_g, v_g = self._k(tokens), self._heads(self.v_proj(tokens), spec.n_kv_heads)
+            if attend is None:
+                o_g = self._attend_all(q_g, torch.cat([k_seq, k_g], dim=2), torch.cat([v_seq, v_g], dim=2))
+            else:
+                o_g = attend(q_g, k_g, v_g)
             tokens = tokens + self.o_proj(self._merge(o_g))
         return (
             self._k(tokens),
             self._heads(self.v_proj(tokens), spec.n_kv_heads),
         )
+
+    def _attend_all(self, q, k, v):
+        q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
+        return F.scaled_dot_product_attention(q, k, v)
 
     def choose_backend(self, x: torch.Tensor) -> str:
         """The path forward takes for x: 'sdpa', 'sdpa-masked', 'blocked', 'flex' or 'flex-eager'."""
@@ -271,15 +277,19 @@ class SparseQueryAttention(nn.Module):
         positions = torch.arange(n, device=x.device)
         q, k = self._q(x, positions), self._k(x, positions)
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global else None
-
         backend = self.choose_backend(x)
+        # blocked, bidirectional, no grad: the global tokens' pass reads the blocked path's key
+        # buffers instead of a concatenation of every key and value (see _blocked)
+        in_buffers = (backend == "blocked" and spec.n_global > 0 and not spec.causal and not _tracing()
+                      and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, self.global_tokens))))
+        g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global and not in_buffers else None
+
         if backend == "sdpa":
             o, name = self._full(q, k, v)
         elif backend in ("flex", "flex-eager"):
             o, name = self._flex(q, k, v, g_kv, compiled=backend == "flex")
         elif backend == "blocked":
-            o, name = self._blocked(q, k, v, g_kv)
+            o, name = self._blocked(q, k, v, g_kv, globals_in_buffers=in_buffers)
         else:
             o, name = self._masked(q, k, v, g_kv)
         if not _tracing():
@@ -314,16 +324,22 @@ class SparseQueryAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), name
 
     # -- sliding window without an N x N mask --
-    def _blocked(self, q, k, v, g_kv):
+    def _blocked(self, q, k, v, g_kv, globals_in_buffers: bool = False):
         q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
-        gk = gv = None
-        if g_kv is not None:
-            gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-        # With grad, one call per phase and coarser blocks: in backward each slice of q, k, v
-        # costs a full-size zero gradient (see BlockedLayout.of), more than a small mask saves
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gk, gv))
-        plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2], grad)
-        qb, kb, vb = plan.queries(q), plan.keys(k, gk), plan.keys(v, gv)
+        if globals_in_buffers:
+            plan = BlockedLayout.of(self.rule, q.shape[2], self.spec.n_global)
+            kb, vb = self._buffers_with_globals(plan, k, v)
+            grad = False
+        else:
+            gk = gv = None
+            if g_kv is not None:
+                gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
+            # With grad, one call per phase and coarser blocks: in backward each slice of q, k, v
+            # costs a full-size zero gradient (see BlockedLayout.of), more than a small mask saves
+            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gk, gv))
+            plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2], grad)
+            kb, vb = plan.keys(k, gk), plan.keys(v, gv)
+        qb = plan.queries(q)
         pieces = self._slot_mask(plan, q.device, q.dtype, whole=grad)
         p = plan.phases
         outs = [[F.scaled_dot_product_attention(*_runs(a, z, qb[ph::p], kb[ph], vb[ph]), attn_mask=m.expand(z - a, -1, -1, -1))
@@ -334,22 +350,45 @@ class SparseQueryAttention(nn.Module):
             name = f"blocked/{_sdp_kernel(qb[0:z * p:p], kb[0][:z], vb[0][:z], attn_mask=m.expand(z - a, -1, -1, -1))}"
         return plan.unblock(outs, q.shape), name
 
-    def _slot_mask(self, plan, device, dtype, whole: bool):
-        """The blocked path's additive masks (per phase, (start, stop, mask) pieces of its runs),
-        cached per shape: building them each call cost as much as the attention itself on CPU.
-        Built outside inference mode so that a mask first made under a no-grad timing can serve
-        a later training step."""
-        key = (plan, str(device), dtype, whole)
+    def _buffers_with_globals(self, plan, k, v):
+        """Bidirectional, no grad: key and value buffers (expanded heads) holding the global
+        tokens' updated keys and values. The tokens' own pass reads the buffers while they hold
+        the tokens' first keys and values (a mask shows each key once), then the updated ones
+        are written over them: no concatenation of the sequence's keys and values."""
+        buffers = []
+
+        def attend(q_g, k_g, v_g):
+            buffers.extend([plan.key_buffer(k, self._expand_kv(k_g)), plan.key_buffer(v, self._expand_kv(v_g))])
+            b, h, periods, period, hd = buffers[0].shape
+            flat_k, flat_v = (t.view(b, h, periods * period, hd) for t in buffers)
+            mask = self._cached(("whole", plan, str(k.device), k.dtype), lambda: plan.whole_sequence_mask(k.device, k.dtype))
+            q_g = self._group(q_g, k_g, v_g, allow_native_gqa=False)[0]  # the buffers' heads are expanded already
+            return F.scaled_dot_product_attention(q_g, flat_k, flat_v, attn_mask=mask.expand(b, h, q_g.shape[2], -1))
+
+        gk, gv = self._global_kv(k.shape[0], dtype=k.dtype, attend=attend)
+        plan.set_globals(buffers[0], self._expand_kv(gk))
+        plan.set_globals(buffers[1], self._expand_kv(gv))
+        return plan.phase_views(buffers[0]), plan.phase_views(buffers[1])
+
+    def _cached(self, key, build):
+        """A mask from the per-shape cache, built outside inference mode (so a mask first made
+        under a no-grad timing can serve a later training step)."""
         cached = None if _tracing() else self._mask_cache.get(key)
         if cached is not None:
             return cached
         with torch.inference_mode(False):
-            mask = tuple(plan.pieces(self.rule, ph, device, dtype, whole) for ph in range(plan.phases))
+            value = build()
         if not _tracing():
             if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
                 self._mask_cache.clear()
-            self._mask_cache[key] = mask
-        return mask
+            self._mask_cache[key] = value
+        return value
+
+    def _slot_mask(self, plan, device, dtype, whole: bool):
+        """The blocked path's additive masks (per phase, (start, stop, mask) pieces of its runs),
+        cached per shape: building them each call cost as much as the attention itself on CPU."""
+        return self._cached((plan, str(device), dtype, whole),
+                            lambda: tuple(plan.pieces(self.rule, ph, device, dtype, whole) for ph in range(plan.phases)))
 
     # -- FlexAttention --
     def _flex(self, q, k, v, g_kv, compiled: bool):

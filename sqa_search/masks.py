@@ -274,11 +274,14 @@ class BlockedLayout:
         return out.reshape(b * h, self.nb, self.blk, hd).transpose(0, 1)
 
     def keys(self, k: torch.Tensor, g: torch.Tensor | None) -> list:
-        """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views.
+        """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views."""
+        return self.phase_views(self.key_buffer(k, g))
 
-        Written into one buffer of periods [G globals; p key blocks]: each key is copied once
-        and only the padding is zeroed (pad-then-concatenate copied the keys twice and zeroed
-        the whole padded tensor first)."""
+    def key_buffer(self, k: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+        """The keys' buffer of periods [G globals; p key blocks], (B, H, periods, P, hd).
+
+        Without grad each key is copied once and only the padding is zeroed (pad, then
+        concatenate, copies the keys twice and zeroes the whole padded tensor first)."""
         import torch
         import torch.nn.functional as F
 
@@ -289,16 +292,37 @@ class BlockedLayout:
             # in backward, each slice write would clone the whole buffer's gradient: pad + concatenate
             seq = F.pad(k, (0, 0, self.before * self.blk, periods * width - self.before * self.blk - n))
             seq = seq.reshape(b, h, periods, width, hd)
-            buffer = seq if g is None else torch.cat([g.unsqueeze(2).expand(-1, -1, periods, -1, -1), seq], dim=3)
-        else:
-            buffer = k.new_empty(b, h, periods, self.period, hd)
-            if g is not None:
-                buffer[:, :, :, :self.n_global] = g.unsqueeze(2)
-            _fill_slots(buffer[:, :, :, self.n_global:], k, self.before * self.blk)
-        flat = buffer.reshape(b * h, periods * self.period, hd)
+            return seq if g is None else torch.cat([g.unsqueeze(2).expand(-1, -1, periods, -1, -1), seq], dim=3)
+        buffer = k.new_empty(b, h, periods, self.period, hd)
+        if g is not None:
+            self.set_globals(buffer, g)
+        _fill_slots(buffer[:, :, :, self.n_global:], k, self.before * self.blk)
+        return buffer
+
+    def set_globals(self, buffer: torch.Tensor, g: torch.Tensor) -> None:
+        """Write the globals (B, H, G, hd) into every period of a key buffer, in place."""
+        buffer[:, :, :, :self.n_global] = g.unsqueeze(2)
+
+    def phase_views(self, buffer: torch.Tensor) -> list:
+        """A key buffer -> per phase, (nb / p, B*H, P, hd) views of it."""
+        b, h, periods, period, hd = buffer.shape
+        flat = buffer.reshape(b * h, periods * period, hd)
         runs = self.nb // self.phases
-        return [flat[:, start:start + runs * self.period].reshape(b * h, runs, self.period, hd).transpose(0, 1)
+        return [flat[:, start:start + runs * period].reshape(b * h, runs, period, hd).transpose(0, 1)
                 for start in map(self._start, range(self.phases))]
+
+    def whole_sequence_mask(self, device, dtype) -> torch.Tensor:
+        """Additive mask (1, 1, 1, periods * P) over a flattened key buffer that shows every key
+        of the sequence once and the first period's copy of the globals: lets the global tokens'
+        own queries read the buffer instead of a concatenation of the keys."""
+        import torch
+
+        periods = self.nb // self.phases + 1
+        pos = torch.arange(periods * self.period, device=device)
+        period, offset = pos // self.period, pos % self.period
+        token = period * (self.phases * self.blk) + offset - self.n_global - self.before * self.blk
+        visible = torch.where(offset < self.n_global, period == 0, (token >= 0) & (token < self.n))
+        return torch.zeros(visible.shape, device=device, dtype=dtype).masked_fill_(~visible, float("-inf")).view(1, 1, 1, -1)
 
     def _start(self, phase: int) -> int:
         """Buffer offset of a phase's first run: phase 0 starts at a copy of the globals."""
