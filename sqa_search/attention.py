@@ -76,15 +76,20 @@ def _pair_halves(n_heads: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
 
 
-def _rope_paired(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _rotation(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """RoPE's complex factors cos + i sin, (len(positions), head_dim / 2), for `_rope_paired`."""
+    cos, sin = rope_tables(positions, head_dim, torch.float64 if dtype == torch.float64 else torch.float32)
+    half = head_dim // 2
+    return torch.complex(cos[:, :half], sin[:, :half])
+
+
+def _rope_paired(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x (..., N, H, head_dim) whose dims are in `_pair_halves` order: one
     complex multiply per pair instead of the eager formula's neg, cat, two muls and an add.
     Exactly apply_rope's rotation: (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos)."""
-    cos, sin = rope_tables(positions, x.shape[-1], torch.float64 if x.dtype == torch.float64 else torch.float32)
     half = x.shape[-1] // 2
-    rotation = torch.complex(cos[:, None, :half], sin[:, None, :half])  # (N, 1, half)
     exact = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no complex bf16/fp16
-    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation)
+    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation[:, None, :])
     return rotated.flatten(-2).to(x.dtype)
 
 
@@ -175,8 +180,8 @@ class SparseQueryAttention(nn.Module):
         self.last_backend: str | None = None
         self._mask_cache: dict = {}  # blocked-path masks by shape; not state, not saved
 
-    # -- projections: (B, N, d) -> (B, H, N, hd), roped at `positions` (None: no RoPE) --
-    def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, positions=None):
+    # -- projections: (B, N, d) -> (B, H, N, hd), roped by `rotation` (None: no RoPE) --
+    def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, rotation=None):
         if not self.spec.rope:
             return self._heads(proj(x), n_heads)
         # few tokens (decode): reorder the outputs; not while tracing, where a branch on the
@@ -187,15 +192,19 @@ class SparseQueryAttention(nn.Module):
             bias = None if proj.bias is None else proj.bias.index_select(0, order)
             t = F.linear(x, proj.weight.index_select(0, order), bias)
         t = t.unflatten(-1, (n_heads, self.spec.head_dim))
-        if positions is not None:
-            t = _rope_paired(t, positions)
+        if rotation is not None:
+            t = _rope_paired(t, rotation)
         return t.transpose(1, 2)
 
-    def _q(self, x, positions=None):
-        return self._project_qk(x, self.q_proj, self._q_order, self.spec.n_q_heads, positions)
+    # rotation: `_rotation` of the tokens' positions (None: no RoPE)
+    def _q(self, x, rotation=None):
+        return self._project_qk(x, self.q_proj, self._q_order, self.spec.n_q_heads, rotation)
 
-    def _k(self, x, positions=None):
-        return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, positions)
+    def _k(self, x, rotation=None):
+        return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, rotation)
+
+    def _rotation(self, positions, dtype):
+        return None if not self.spec.rope else _rotation(positions, self.spec.head_dim, dtype)
 
     # -- shapes --
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -274,14 +283,20 @@ class SparseQueryAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != spec.d_model:
             raise ValueError(f"input must be (batch, N, d_model={spec.d_model}); got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        positions = torch.arange(n, device=x.device)
-        q, k = self._q(x, positions), self._k(x, positions)
-        v = self._heads(self.v_proj(x), spec.n_kv_heads)
         backend = self.choose_backend(x)
-        # blocked, bidirectional, no grad: the global tokens' pass reads the blocked path's key
+        rotation = None
+        if spec.rope:  # the same for every call at this length: cached
+            rotation = self._cached(("rope", n, str(x.device), x.dtype),
+                                    lambda: self._rotation(torch.arange(n, device=x.device), x.dtype))
+        # blocked, no grad: RoPE is applied while copying q and k into the blocked layout (one pass
+        # instead of two); bidirectional, the global tokens' pass reads the blocked path's key
         # buffers instead of a concatenation of every key and value (see _blocked)
-        in_buffers = (backend == "blocked" and spec.n_global > 0 and not spec.causal and not _tracing()
-                      and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, self.global_tokens))))
+        inference = (backend == "blocked" and not _tracing() and x.dtype in (torch.float32, torch.float64)
+                     and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))))
+        in_buffers = inference and spec.n_global > 0 and not spec.causal
+        late_rope = rotation if inference else None
+        q, k = self._q(x, None if inference else rotation), self._k(x, None if inference else rotation)
+        v = self._heads(self.v_proj(x), spec.n_kv_heads)
         g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global and not in_buffers else None
 
         if backend == "sdpa":
@@ -289,7 +304,7 @@ class SparseQueryAttention(nn.Module):
         elif backend in ("flex", "flex-eager"):
             o, name = self._flex(q, k, v, g_kv, compiled=backend == "flex")
         elif backend == "blocked":
-            o, name = self._blocked(q, k, v, g_kv, globals_in_buffers=in_buffers)
+            o, name = self._blocked(q, k, v, g_kv, globals_in_buffers=in_buffers, rotation=late_rope)
         else:
             o, name = self._masked(q, k, v, g_kv)
         if not _tracing():
@@ -324,11 +339,12 @@ class SparseQueryAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), name
 
     # -- sliding window without an N x N mask --
-    def _blocked(self, q, k, v, g_kv, globals_in_buffers: bool = False):
+    def _blocked(self, q, k, v, g_kv, globals_in_buffers: bool = False, rotation=None):
+        """rotation: RoPE still to apply to q and k (without grad: while laying them out)."""
         q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
         if globals_in_buffers:
             plan = BlockedLayout.of(self.rule, q.shape[2], self.spec.n_global)
-            kb, vb = self._buffers_with_globals(plan, k, v)
+            kb, vb = self._buffers_with_globals(plan, k, v, rotation)
             grad = False
         else:
             gk = gv = None
@@ -338,8 +354,8 @@ class SparseQueryAttention(nn.Module):
             # costs a full-size zero gradient (see BlockedLayout.of), more than a small mask saves
             grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gk, gv))
             plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2], grad)
-            kb, vb = plan.keys(k, gk), plan.keys(v, gv)
-        qb = plan.queries(q)
+            kb, vb = plan.keys(k, gk, rotation), plan.keys(v, gv)
+        qb = plan.queries(q, rotation)
         pieces = self._slot_mask(plan, q.device, q.dtype, whole=grad)
         p = plan.phases
         outs = [[F.scaled_dot_product_attention(*_runs(a, z, qb[ph::p], kb[ph], vb[ph]), attn_mask=m.expand(z - a, -1, -1, -1))
@@ -350,7 +366,7 @@ class SparseQueryAttention(nn.Module):
             name = f"blocked/{_sdp_kernel(qb[0:z * p:p], kb[0][:z], vb[0][:z], attn_mask=m.expand(z - a, -1, -1, -1))}"
         return plan.unblock(outs, q.shape), name
 
-    def _buffers_with_globals(self, plan, k, v):
+    def _buffers_with_globals(self, plan, k, v, rotation=None):
         """Bidirectional, no grad: key and value buffers (expanded heads) holding the global
         tokens' updated keys and values. The tokens' own pass reads the buffers while they hold
         the tokens' first keys and values (a mask shows each key once), then the updated ones
@@ -358,7 +374,7 @@ class SparseQueryAttention(nn.Module):
         buffers = []
 
         def attend(q_g, k_g, v_g):
-            buffers.extend([plan.key_buffer(k, self._expand_kv(k_g)), plan.key_buffer(v, self._expand_kv(v_g))])
+            buffers.extend([plan.key_buffer(k, self._expand_kv(k_g), rotation), plan.key_buffer(v, self._expand_kv(v_g))])
             b, h, periods, period, hd = buffers[0].shape
             flat_k, flat_v = (t.view(b, h, periods * period, hd) for t in buffers)
             mask = self._cached(("whole", plan, str(k.device), k.dtype), lambda: plan.whole_sequence_mask(k.device, k.dtype))
@@ -429,7 +445,7 @@ class SparseQueryAttention(nn.Module):
         """Write the keys and values of a whole prompt x (B, N, d) into the cache."""
         spec = self.spec
         n = x.shape[1]
-        k = self._k(x, torch.arange(n, device=x.device))
+        k = self._k(x, self._rotation(torch.arange(n, device=x.device), x.dtype))
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
         cap = cache.capacity
         keep = min(n, cap)
@@ -453,7 +469,8 @@ class SparseQueryAttention(nn.Module):
         if spec.window is None and pos >= cap:
             raise ValueError(f"KV cache is full: capacity {cap} tokens, position {pos}")
         position = torch.arange(pos, pos + 1, device=x.device)
-        q, k = self._q(x, position), self._k(x, position)
+        rotation = self._rotation(position, x.dtype)
+        q, k = self._q(x, rotation), self._k(x, rotation)
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
         slot = cache.n_global + pos % cap
         cache.k[:, :, slot] = k[:, :, 0]

@@ -196,19 +196,37 @@ def _indices(blocks: torch.Tensor):
 
 
 # ----- the blocked path's layout --------------------------------------------------------------
-def _fill_slots(slots: torch.Tensor, k: torch.Tensor, offset: int) -> None:
-    """Write k (B, H, N, hd) into slots (B, H, periods, width, hd) read as one row of
-    periods * width positions starting at `offset`; zero the positions before and after.
-    Three slice copies: the first period's part, the whole periods, the last period's part."""
+def _write(dest: torch.Tensor, src: torch.Tensor, rotation: torch.Tensor | None = None) -> None:
+    """dest[...] = src, or src with RoPE applied on the way (one pass instead of two): dims in
+    pair order, rotation the complex (tokens, hd / 2) factors of src's tokens (see attention)."""
+    import torch
+
+    if rotation is None:
+        dest.copy_(src)
+        return
+    half = src.shape[-1] // 2
+    torch.mul(torch.view_as_complex(src.unflatten(-1, (half, 2))), rotation,
+              out=torch.view_as_complex(dest.unflatten(-1, (half, 2))))
+
+
+def _fill_slots(slots: torch.Tensor, k: torch.Tensor, offset: int, rotation=None) -> None:
+    """Write k (B, H, N, hd) (rotated by `rotation`, if given) into slots (B, H, periods, width, hd)
+    read as one row of periods * width positions starting at `offset`; zero the positions before
+    and after. Three slice copies: the first period's part, the whole periods, the last period's part."""
     n, width = k.shape[2], slots.shape[3]
+
+    def rot(a, b, *shape):
+        return None if rotation is None else rotation[a:b].view(*shape, rotation.shape[-1])
+
     slots[:, :, 0, :offset] = 0
     first = min(n, width - offset)
-    slots[:, :, 0, offset:offset + first] = k[:, :, :first]
+    _write(slots[:, :, 0, offset:offset + first], k[:, :, :first], rot(0, first, first))
     whole = (n - first) // width
-    slots[:, :, 1:1 + whole] = k[:, :, first:first + whole * width].unflatten(2, (whole, width))
+    _write(slots[:, :, 1:1 + whole], k[:, :, first:first + whole * width].unflatten(2, (whole, width)),
+           rot(first, first + whole * width, whole, width))
     done, period = first + whole * width, 1 + whole  # keys left over start period `period` (n > first)
     if done < n:
-        slots[:, :, period, :n - done] = k[:, :, done:]
+        _write(slots[:, :, period, :n - done], k[:, :, done:], rot(done, n, n - done))
     end = offset + n  # position after the last key
     if end // width < slots.shape[2]:
         slots[:, :, end // width, end % width:] = 0
@@ -259,8 +277,9 @@ class BlockedLayout:
     def period(self) -> int:
         return self.n_global + self.phases * self.blk
 
-    def queries(self, q: torch.Tensor) -> torch.Tensor:
-        """(B, H, N, hd) -> (nb, B*H, blk, hd): one copy, only the padded tail rows zeroed."""
+    def queries(self, q: torch.Tensor, rotation: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, N, hd) -> (nb, B*H, blk, hd): one copy (without grad: RoPE by `rotation` on the
+        way, see `_write`), only the padded tail rows zeroed."""
         import torch
         import torch.nn.functional as F
 
@@ -269,19 +288,20 @@ class BlockedLayout:
             out = F.pad(q, (0, 0, 0, self.nb * self.blk - n))
         else:
             out = q.new_empty(b, h, self.nb * self.blk, hd)
-            out[:, :, :n] = q
+            _write(out[:, :, :n], q, rotation)
             out[:, :, n:] = 0
         return out.reshape(b * h, self.nb, self.blk, hd).transpose(0, 1)
 
-    def keys(self, k: torch.Tensor, g: torch.Tensor | None) -> list:
+    def keys(self, k: torch.Tensor, g: torch.Tensor | None, rotation: torch.Tensor | None = None) -> list:
         """(B, H, N, hd) keys (+ (B, H, G, hd) globals) -> per phase, (nb / p, B*H, P, hd) views."""
-        return self.phase_views(self.key_buffer(k, g))
+        return self.phase_views(self.key_buffer(k, g, rotation))
 
-    def key_buffer(self, k: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    def key_buffer(self, k: torch.Tensor, g: torch.Tensor | None, rotation: torch.Tensor | None = None) -> torch.Tensor:
         """The keys' buffer of periods [G globals; p key blocks], (B, H, periods, P, hd).
 
-        Without grad each key is copied once and only the padding is zeroed (pad, then
-        concatenate, copies the keys twice and zeroes the whole padded tensor first)."""
+        Without grad each key is copied once (RoPE by `rotation` on the way, see `_write`) and
+        only the padding is zeroed (pad, then concatenate, copies the keys twice and zeroes the
+        whole padded tensor first)."""
         import torch
         import torch.nn.functional as F
 
@@ -296,7 +316,7 @@ class BlockedLayout:
         buffer = k.new_empty(b, h, periods, self.period, hd)
         if g is not None:
             self.set_globals(buffer, g)
-        _fill_slots(buffer[:, :, :, self.n_global:], k, self.before * self.blk)
+        _fill_slots(buffer[:, :, :, self.n_global:], k, self.before * self.blk, rotation)
         return buffer
 
     def set_globals(self, buffer: torch.Tensor, g: torch.Tensor) -> None:
