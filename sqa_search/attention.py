@@ -6,9 +6,11 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
   kernel's own ``enable_gqa`` where that keeps a fused kernel, and expand K/V where the grouped
   call would fall to the math path (or, on CPU, where expanding is measurably faster).
 * ``blocked``: sliding window (and global tokens) without an N x N mask: queries in blocks of
-  ~W/2 tokens each read the few key blocks their window needs plus the global tokens, as one
-  contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few batched SDPA calls
-  on plain views: cost linear in N, forward and backward, on any device, keys copied once.
+  ~W/4 tokens (~W/2 with grad) each read the few key blocks their window needs plus the global
+  tokens, as one contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few
+  batched SDPA calls on plain views: cost linear in N, forward and backward, on any device,
+  keys copied once. Without grad, RoPE is applied during that copy, interior runs share one
+  broadcast mask, and the global tokens' own pass reads the same buffers.
 * ``flex``: compiled FlexAttention with a BlockMask built from KV block indices (never an N x N
   mask); the default for windows and global tokens on CUDA (head_dim >= 16), forward and
   backward. On CPU torch 2.13 compiles the forward only. ``last_backend`` is ``flex-compiled``
