@@ -109,3 +109,19 @@ def test_blocked_pieces_broadcast_one_mask_over_the_interior_runs(rule, n, n_glo
         lo, hi = layout.interior(phase)
         interior_runs += hi - lo
     assert interior_runs > 0 or n < 400
+
+
+@pytest.mark.parametrize("n", [1, 37, 150, 160, 401])
+def test_key_buffer_written_in_place_matches_pad_and_concatenate(n):
+    """Without grad the key buffer is written slice by slice (RoPE applied on the way); with grad
+    it is padded and concatenated: the same buffer, position for position, padding included."""
+    layout = BlockedLayout.of(Visibility(causal=False, window=13), n, 3)
+    k, g = torch.randn(2, 3, n, 8), torch.randn(2, 3, 3, 8)
+    rotation = torch.polar(torch.ones(n, 4), torch.rand(n, 4) * 6.3)
+    roped = torch.view_as_real(torch.view_as_complex(k.unflatten(-1, (4, 2))) * rotation).flatten(-2)
+    with torch.no_grad():
+        in_place, in_place_roped = layout.key_buffer(k, g), layout.key_buffer(k, g, rotation)
+    padded = layout.key_buffer(k.clone().requires_grad_(), g).detach()
+    padded_roped = layout.key_buffer(roped.clone().requires_grad_(), g).detach()
+    assert torch.equal(in_place, padded)
+    assert torch.equal(in_place_roped, padded_roped)
