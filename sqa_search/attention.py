@@ -180,7 +180,7 @@ class SparseQueryAttention(nn.Module):
         self.register_buffer("_fold_q", fold, persistent=False)
         self.register_buffer("_unfold", unfold, persistent=False)
         self.last_backend: str | None = None
-        self._mask_cache: dict = {}  # blocked-path masks by shape; not state, not saved
+        self._mask_cache: dict = {}  # blocked-path masks and RoPE factors by shape; not state, not saved
 
     # -- projections: (B, N, d) -> (B, H, N, hd), roped by `rotation` (None: no RoPE) --
     def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, rotation=None):
@@ -389,15 +389,15 @@ class SparseQueryAttention(nn.Module):
         return plan.phase_views(buffers[0]), plan.phase_views(buffers[1])
 
     def _cached(self, key, build):
-        """A mask from the per-shape cache, built outside inference mode (so a mask first made
-        under a no-grad timing can serve a later training step)."""
+        """A value of the per-shape cache (blocked-path masks, RoPE factors), built outside
+        inference mode so that one first made under a no-grad timing can serve a later training step."""
         cached = None if _tracing() else self._mask_cache.get(key)
         if cached is not None:
             return cached
         with torch.inference_mode(False):
             value = build()
         if not _tracing():
-            if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
+            if len(self._mask_cache) >= 16:  # a few shapes at most: sweeps over N would grow it
                 self._mask_cache.clear()
             self._mask_cache[key] = value
         return value
