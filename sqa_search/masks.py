@@ -47,7 +47,7 @@ __all__ = [
 ]
 
 FLEX_BLOCK = 128  # FlexAttention's default sparse block (torch 2.13)
-# Smallest query block of the blocked path (forward only, with grad): tiny windows would
+# Smallest query block of the blocked path, without and with grad: tiny windows would
 # otherwise mean many tiny matmuls whose overhead dominates; a larger block wastes a little
 # arithmetic instead.
 MIN_BLOCK, MIN_BLOCK_GRAD = 32, 64
@@ -209,6 +209,16 @@ def _write(dest: torch.Tensor, src: torch.Tensor, rotation: torch.Tensor | None 
               out=torch.view_as_complex(dest.unflatten(-1, (half, 2))))
 
 
+def _rotated(src: torch.Tensor, rotation: torch.Tensor | None) -> torch.Tensor:
+    """src with RoPE applied out of place (the path with grad: out= has no backward)."""
+    import torch
+
+    if rotation is None:
+        return src
+    half = src.shape[-1] // 2
+    return torch.view_as_real(torch.view_as_complex(src.unflatten(-1, (half, 2))) * rotation).flatten(-2)
+
+
 def _fill_slots(slots: torch.Tensor, k: torch.Tensor, offset: int, rotation=None) -> None:
     """Write k (B, H, N, hd) (rotated by `rotation`, if given) into slots (B, H, periods, width, hd)
     read as one row of periods * width positions starting at `offset`; zero the positions before
@@ -258,7 +268,7 @@ class BlockedLayout:
         # bidirectional: 304 with blocks of W/4, 336 of W/2, 432 of W; causal 176, 208, 288).
         # Forward only, blocks of ~W/4: measured fastest at W=128 on CPU (1 thread). With grad,
         # ~W/2: backward pays a full-size zero gradient per phase's slice of q, k and v, and W/4
-        # blocks have 9 phases instead of 5 (measured 1.35x slower fwd+bwd). A multiple of 16
+        # blocks have 9 phases instead of 5 (measured 1.35-1.54x slower fwd+bwd). A multiple of 16
         # keeps SDPA's inner loops whole.
         size, smallest = (2, MIN_BLOCK_GRAD) if grad else (4, MIN_BLOCK)
         blk = -(-max(smallest, -(-rule.window // size)) // 16) * 16
@@ -285,7 +295,7 @@ class BlockedLayout:
 
         b, h, n, hd = q.shape
         if torch.is_grad_enabled() and q.requires_grad:  # a slice write would clone the gradient in backward
-            out = F.pad(q, (0, 0, 0, self.nb * self.blk - n))
+            out = F.pad(_rotated(q, rotation), (0, 0, 0, self.nb * self.blk - n))
         else:
             out = q.new_empty(b, h, self.nb * self.blk, hd)
             _write(out[:, :, :n], q, rotation)
@@ -310,7 +320,7 @@ class BlockedLayout:
         width = self.phases * self.blk  # sequence slots per period
         if torch.is_grad_enabled() and (k.requires_grad or (g is not None and g.requires_grad)):
             # in backward, each slice write would clone the whole buffer's gradient: pad + concatenate
-            seq = F.pad(k, (0, 0, self.before * self.blk, periods * width - self.before * self.blk - n))
+            seq = F.pad(_rotated(k, rotation), (0, 0, self.before * self.blk, periods * width - self.before * self.blk - n))
             seq = seq.reshape(b, h, periods, width, hd)
             return seq if g is None else torch.cat([g.unsqueeze(2).expand(-1, -1, periods, -1, -1), seq], dim=3)
         buffer = k.new_empty(b, h, periods, self.period, hd)

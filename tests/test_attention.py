@@ -68,7 +68,7 @@ def test_named_variants_match_reference(name, causal):
         ((2, 8), 11, 3),  # rSQA with window and global tokens
         ((3, 2), None, 2),  # full attention plus global tokens (dense-mask path)
         ((4, 1), 70, 0),  # window longer than the sequence
-        ((8, 4), 64, 1),  # window = MIN_BLOCK, sequence spans several blocks
+        ((8, 4), 64, 1),  # window = MIN_BLOCK_GRAD, sequence spans several blocks
     ],
 )
 def test_windows_globals_and_grouping_match_reference(heads, window, n_global, causal):

@@ -122,6 +122,7 @@ def test_key_buffer_written_in_place_matches_pad_and_concatenate(n):
     with torch.no_grad():
         in_place, in_place_roped = layout.key_buffer(k, g), layout.key_buffer(k, g, rotation)
     padded = layout.key_buffer(k.clone().requires_grad_(), g).detach()
-    padded_roped = layout.key_buffer(roped.clone().requires_grad_(), g).detach()
+    padded_roped = layout.key_buffer(k.clone().requires_grad_(), g, rotation).detach()
     assert torch.equal(in_place, padded)
     assert torch.equal(in_place_roped, padded_roped)
+    assert torch.equal(in_place_roped, layout.key_buffer(roped, g))
