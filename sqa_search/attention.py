@@ -6,9 +6,11 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
   kernel's own ``enable_gqa`` where that keeps a fused kernel, and expand K/V where the grouped
   call would fall to the math path (or, on CPU, where expanding is measurably faster).
 * ``blocked``: sliding window (and global tokens) without an N x N mask: queries in blocks of
-  ~W/2 tokens each read the few key blocks their window needs plus the global tokens, as one
-  contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few batched SDPA calls
-  on plain views: cost linear in N, forward and backward, on any device, keys copied once.
+  ~W/4 tokens (~W/2 with grad) each read the few key blocks their window needs plus the global
+  tokens, as one contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few
+  batched SDPA calls on plain views: cost linear in N, forward and backward, on any device,
+  keys copied once. Without grad, RoPE is applied during that copy, interior runs share one
+  broadcast mask, and the global tokens' own pass reads the same buffers.
 * ``flex``: compiled FlexAttention with a BlockMask built from KV block indices (never an N x N
   mask); the default for windows and global tokens on CUDA (head_dim >= 16), forward and
   backward. On CPU torch 2.13 compiles the forward only. ``last_backend`` is ``flex-compiled``
@@ -76,15 +78,20 @@ def _pair_halves(n_heads: int, head_dim: int) -> torch.Tensor:
     return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
 
 
-def _rope_paired(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _rotation(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """RoPE's complex factors cos + i sin, (len(positions), head_dim / 2), for `_rope_paired`."""
+    cos, sin = rope_tables(positions, head_dim, torch.float64 if dtype == torch.float64 else torch.float32)
+    half = head_dim // 2
+    return torch.complex(cos[:, :half], sin[:, :half])
+
+
+def _rope_paired(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate-half RoPE on x (..., N, H, head_dim) whose dims are in `_pair_halves` order: one
     complex multiply per pair instead of the eager formula's neg, cat, two muls and an add.
     Exactly apply_rope's rotation: (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos)."""
-    cos, sin = rope_tables(positions, x.shape[-1], torch.float64 if x.dtype == torch.float64 else torch.float32)
     half = x.shape[-1] // 2
-    rotation = torch.complex(cos[:, None, :half], sin[:, None, :half])  # (N, 1, half)
     exact = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no complex bf16/fp16
-    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation)
+    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation[:, None, :])
     return rotated.flatten(-2).to(x.dtype)
 
 
@@ -173,10 +180,10 @@ class SparseQueryAttention(nn.Module):
         self.register_buffer("_fold_q", fold, persistent=False)
         self.register_buffer("_unfold", unfold, persistent=False)
         self.last_backend: str | None = None
-        self._mask_cache: dict = {}  # blocked-path masks by shape; not state, not saved
+        self._mask_cache: dict = {}  # blocked-path masks and RoPE factors by shape; not state, not saved
 
-    # -- projections: (B, N, d) -> (B, H, N, hd), roped at `positions` (None: no RoPE) --
-    def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, positions=None):
+    # -- projections: (B, N, d) -> (B, H, N, hd), roped by `rotation` (None: no RoPE) --
+    def _project_qk(self, x, proj: nn.Linear, order: torch.Tensor, n_heads: int, rotation=None):
         if not self.spec.rope:
             return self._heads(proj(x), n_heads)
         # few tokens (decode): reorder the outputs; not while tracing, where a branch on the
@@ -187,15 +194,19 @@ class SparseQueryAttention(nn.Module):
             bias = None if proj.bias is None else proj.bias.index_select(0, order)
             t = F.linear(x, proj.weight.index_select(0, order), bias)
         t = t.unflatten(-1, (n_heads, self.spec.head_dim))
-        if positions is not None:
-            t = _rope_paired(t, positions)
+        if rotation is not None:
+            t = _rope_paired(t, rotation)
         return t.transpose(1, 2)
 
-    def _q(self, x, positions=None):
-        return self._project_qk(x, self.q_proj, self._q_order, self.spec.n_q_heads, positions)
+    # rotation: `_rotation` of the tokens' positions (None: no RoPE)
+    def _q(self, x, rotation=None):
+        return self._project_qk(x, self.q_proj, self._q_order, self.spec.n_q_heads, rotation)
 
-    def _k(self, x, positions=None):
-        return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, positions)
+    def _k(self, x, rotation=None):
+        return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, rotation)
+
+    def _rotation(self, positions, dtype):
+        return None if not self.spec.rope else _rotation(positions, self.spec.head_dim, dtype)
 
     # -- shapes --
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -227,26 +238,32 @@ class SparseQueryAttention(nn.Module):
             return t.repeat_interleave(spec.n_q_heads // spec.n_kv_heads, dim=1)
         return t.index_select(1, self._kv_index)
 
-    def _global_kv(self, batch: int, k_seq=None, v_seq=None, dtype=None):
+    def _global_kv(self, batch: int, k_seq=None, v_seq=None, dtype=None, attend=None):
         """Global tokens' keys and values, (B, H_kv, G, hd) each.
 
         Causal: projections of the learned tokens (they see nothing). Bidirectional: the
         tokens first attend to the whole sequence and themselves; their updated states
         (token + attention output) give the keys and values the sequence then reads.
+        ``attend(q_g, k_g, v_g)`` runs that pass (default: over [k_seq; k_g], concatenated).
         """
         spec = self.spec
         tokens = self.global_tokens.to(dtype).unsqueeze(0).expand(batch, -1, -1)
         if not spec.causal:
             q_g = self._q(tokens)  # global tokens have no position: no RoPE
-            k_all = torch.cat([k_seq, self._k(tokens)], dim=2)
-            v_all = torch.cat([v_seq, self._heads(self.v_proj(tokens), spec.n_kv_heads)], dim=2)
-            q_g, k_all, v_all, _ = self._group(q_g, k_all, v_all, allow_native_gqa=False)
-            o_g = F.scaled_dot_product_attention(q_g, k_all, v_all)
+            k_g, v_g = self._k(tokens), self._heads(self.v_proj(tokens), spec.n_kv_heads)
+            if attend is None:
+                o_g = self._attend_all(q_g, torch.cat([k_seq, k_g], dim=2), torch.cat([v_seq, v_g], dim=2))
+            else:
+                o_g = attend(q_g, k_g, v_g)
             tokens = tokens + self.o_proj(self._merge(o_g))
         return (
             self._k(tokens),
             self._heads(self.v_proj(tokens), spec.n_kv_heads),
         )
+
+    def _attend_all(self, q, k, v):
+        q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
+        return F.scaled_dot_product_attention(q, k, v)
 
     def choose_backend(self, x: torch.Tensor) -> str:
         """The path forward takes for x: 'sdpa', 'sdpa-masked', 'blocked', 'flex' or 'flex-eager'."""
@@ -268,18 +285,28 @@ class SparseQueryAttention(nn.Module):
         if x.dim() != 3 or x.shape[-1] != spec.d_model:
             raise ValueError(f"input must be (batch, N, d_model={spec.d_model}); got shape {tuple(x.shape)}")
         b, n, _ = x.shape
-        positions = torch.arange(n, device=x.device)
-        q, k = self._q(x, positions), self._k(x, positions)
-        v = self._heads(self.v_proj(x), spec.n_kv_heads)
-        g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global else None
-
         backend = self.choose_backend(x)
+        rotation = None
+        if spec.rope:  # the same for every call at this length: cached
+            rotation = self._cached(("rope", n, str(x.device), x.dtype),
+                                    lambda: self._rotation(torch.arange(n, device=x.device), x.dtype))
+        # blocked, no grad: RoPE is applied while copying q and k into the blocked layout (one pass
+        # instead of two); bidirectional, the global tokens' pass reads the blocked path's key
+        # buffers instead of a concatenation of every key and value (see _blocked)
+        inference = (backend == "blocked" and not _tracing() and x.dtype in (torch.float32, torch.float64)
+                     and not (torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))))
+        in_buffers = inference and spec.n_global > 0 and not spec.causal
+        late_rope = rotation if inference else None
+        q, k = self._q(x, None if inference else rotation), self._k(x, None if inference else rotation)
+        v = self._heads(self.v_proj(x), spec.n_kv_heads)
+        g_kv = self._global_kv(b, k, v, q.dtype) if spec.n_global and not in_buffers else None
+
         if backend == "sdpa":
             o, name = self._full(q, k, v)
         elif backend in ("flex", "flex-eager"):
             o, name = self._flex(q, k, v, g_kv, compiled=backend == "flex")
         elif backend == "blocked":
-            o, name = self._blocked(q, k, v, g_kv)
+            o, name = self._blocked(q, k, v, g_kv, globals_in_buffers=in_buffers, rotation=late_rope)
         else:
             o, name = self._masked(q, k, v, g_kv)
         if not _tracing():
@@ -314,36 +341,72 @@ class SparseQueryAttention(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask), name
 
     # -- sliding window without an N x N mask --
-    def _blocked(self, q, k, v, g_kv):
+    def _blocked(self, q, k, v, g_kv, globals_in_buffers: bool = False, rotation=None):
+        """rotation: RoPE still to apply to q and k (without grad: while laying them out)."""
         q, k, v, _ = self._group(q, k, v, allow_native_gqa=False)
-        gk = gv = None
-        if g_kv is not None:
-            gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
-        plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2])
-        qb, kb, vb = plan.queries(q), plan.keys(k, gk), plan.keys(v, gv)
-        masks = self._slot_mask(plan, q.device, q.dtype)
+        if globals_in_buffers:
+            plan = BlockedLayout.of(self.rule, q.shape[2], self.spec.n_global)
+            kb, vb = self._buffers_with_globals(plan, k, v, rotation)
+            grad = False
+        else:
+            gk = gv = None
+            if g_kv is not None:
+                gk, gv = self._expand_kv(g_kv[0]), self._expand_kv(g_kv[1])
+            # With grad, one call per phase and coarser blocks: in backward each slice of q, k, v
+            # costs a full-size zero gradient (see BlockedLayout.of), more than a small mask saves
+            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, gk, gv))
+            plan = BlockedLayout.of(self.rule, q.shape[2], 0 if gk is None else gk.shape[2], grad)
+            kb, vb = plan.keys(k, gk, rotation), plan.keys(v, gv)
+        qb = plan.queries(q, rotation)
+        pieces = self._slot_mask(plan, q.device, q.dtype, whole=grad)
         p = plan.phases
+        outs = [[F.scaled_dot_product_attention(*_runs(a, z, qb[ph::p], kb[ph], vb[ph]), attn_mask=m.expand(z - a, -1, -1, -1))
+                 for a, z, m in pieces[ph]] for ph in range(p)]
         name = "blocked"
         if not _tracing():
-            name = f"blocked/{_sdp_kernel(qb[0::p], kb[0], vb[0], attn_mask=masks[0])}"
-        outs = [F.scaled_dot_product_attention(qb[ph::p], kb[ph], vb[ph], attn_mask=masks[ph]) for ph in range(p)]
+            a, z, m = pieces[0][0]
+            name = f"blocked/{_sdp_kernel(qb[0:z * p:p], kb[0][:z], vb[0][:z], attn_mask=m.expand(z - a, -1, -1, -1))}"
         return plan.unblock(outs, q.shape), name
 
-    def _slot_mask(self, plan, device, dtype):
-        """The blocked path's additive masks (one per phase), cached per shape: building it each call cost as
-        much as the attention itself on CPU. Built outside inference mode so that a mask first
-        made under a no-grad timing can serve a later training step."""
-        key = (plan, str(device), dtype)
+    def _buffers_with_globals(self, plan, k, v, rotation=None):
+        """Bidirectional, no grad: key and value buffers (expanded heads) holding the global
+        tokens' updated keys and values. The tokens' own pass reads the buffers while they hold
+        the tokens' first keys and values (a mask shows each key once), then the updated ones
+        are written over them: no concatenation of the sequence's keys and values."""
+        buffers = []
+
+        def attend(q_g, k_g, v_g):
+            buffers.extend([plan.key_buffer(k, self._expand_kv(k_g), rotation), plan.key_buffer(v, self._expand_kv(v_g))])
+            b, h, periods, period, hd = buffers[0].shape
+            flat_k, flat_v = (t.view(b, h, periods * period, hd) for t in buffers)
+            mask = self._cached(("whole", plan, str(k.device), k.dtype), lambda: plan.whole_sequence_mask(k.device, k.dtype))
+            q_g = self._group(q_g, k_g, v_g, allow_native_gqa=False)[0]  # the buffers' heads are expanded already
+            return F.scaled_dot_product_attention(q_g, flat_k, flat_v, attn_mask=mask.expand(b, h, q_g.shape[2], -1))
+
+        gk, gv = self._global_kv(k.shape[0], dtype=k.dtype, attend=attend)
+        plan.set_globals(buffers[0], self._expand_kv(gk))
+        plan.set_globals(buffers[1], self._expand_kv(gv))
+        return plan.phase_views(buffers[0]), plan.phase_views(buffers[1])
+
+    def _cached(self, key, build):
+        """A value of the per-shape cache (blocked-path masks, RoPE factors), built outside
+        inference mode so that one first made under a no-grad timing can serve a later training step."""
         cached = None if _tracing() else self._mask_cache.get(key)
         if cached is not None:
             return cached
         with torch.inference_mode(False):
-            mask = tuple(plan.mask(self.rule, ph, device, dtype) for ph in range(plan.phases))
+            value = build()
         if not _tracing():
-            if len(self._mask_cache) >= 8:  # a few shapes at most: sweeps over N would grow it
+            if len(self._mask_cache) >= 16:  # a few shapes at most: sweeps over N would grow it
                 self._mask_cache.clear()
-            self._mask_cache[key] = mask
-        return mask
+            self._mask_cache[key] = value
+        return value
+
+    def _slot_mask(self, plan, device, dtype, whole: bool):
+        """The blocked path's additive masks (per phase, (start, stop, mask) pieces of its runs),
+        cached per shape: building them each call cost as much as the attention itself on CPU."""
+        return self._cached((plan, str(device), dtype, whole),
+                            lambda: tuple(plan.pieces(self.rule, ph, device, dtype, whole) for ph in range(plan.phases)))
 
     # -- FlexAttention --
     def _flex(self, q, k, v, g_kv, compiled: bool):
@@ -384,7 +447,7 @@ class SparseQueryAttention(nn.Module):
         """Write the keys and values of a whole prompt x (B, N, d) into the cache."""
         spec = self.spec
         n = x.shape[1]
-        k = self._k(x, torch.arange(n, device=x.device))
+        k = self._k(x, self._rotation(torch.arange(n, device=x.device), x.dtype))
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
         cap = cache.capacity
         keep = min(n, cap)
@@ -408,7 +471,8 @@ class SparseQueryAttention(nn.Module):
         if spec.window is None and pos >= cap:
             raise ValueError(f"KV cache is full: capacity {cap} tokens, position {pos}")
         position = torch.arange(pos, pos + 1, device=x.device)
-        q, k = self._q(x, position), self._k(x, position)
+        rotation = self._rotation(position, x.dtype)
+        q, k = self._q(x, rotation), self._k(x, rotation)
         v = self._heads(self.v_proj(x), spec.n_kv_heads)
         slot = cache.n_global + pos % cap
         cache.k[:, :, slot] = k[:, :, 0]
@@ -437,6 +501,14 @@ class SparseQueryAttention(nn.Module):
         if self.spec.grouping != "gqa":
             o = o.index_select(1, self._unfold)
         return o.view(b, self.spec.n_q_heads, 1, hd)
+
+
+def _runs(start: int, stop: int, *tensors):
+    """Runs [start, stop) of each tensor; the tensors themselves when that is all of them (a
+    slice, even a whole one, costs a full-size zero gradient in backward)."""
+    if start == 0 and stop == tensors[0].shape[0]:
+        return tensors
+    return tuple(t[start:stop] for t in tensors)
 
 
 def _check_forced_backend(spec: AttentionSpec, backend: str) -> None:

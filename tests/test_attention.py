@@ -68,7 +68,7 @@ def test_named_variants_match_reference(name, causal):
         ((2, 8), 11, 3),  # rSQA with window and global tokens
         ((3, 2), None, 2),  # full attention plus global tokens (dense-mask path)
         ((4, 1), 70, 0),  # window longer than the sequence
-        ((8, 4), 64, 1),  # window = MIN_BLOCK, sequence spans several blocks
+        ((8, 4), 64, 1),  # window = MIN_BLOCK_GRAD, sequence spans several blocks
     ],
 )
 def test_windows_globals_and_grouping_match_reference(heads, window, n_global, causal):
@@ -113,13 +113,17 @@ def test_grouping_is_sdpa_enable_gqa_convention():
     torch.testing.assert_close(layer(x), expected)
 
 
+@pytest.mark.parametrize("grads", [True, False], ids=["train", "no-grad"])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("heads,window,n_global", [((8, 8), 5, 0), ((6, 4), 13, 3), ((2, 8), 63, 2)])
-def test_blocked_path_over_several_blocks_matches_reference(heads, window, n_global, causal):
-    """W < 64: blocks are MIN_BLOCK = 64 tokens; N = 400 spans seven, the last one partial, so
-    every phase of the blocked layout reads several runs of key blocks."""
+def test_blocked_path_over_several_blocks_matches_reference(heads, window, n_global, causal, grads):
+    """W < 64: blocks are 64 tokens with grad, 32 without (masks.MIN_BLOCK_GRAD, MIN_BLOCK); N = 400
+    spans several, the last one partial, so every phase reads several runs of key blocks. Without
+    grad the path differs (finer blocks, interior runs under one broadcast mask, keys written
+    into their buffer in place, the global tokens' pass reading that buffer): checked on its own,
+    batch 2."""
     spec = AttentionSpec(64, 8, heads[0], heads[1], window=window, n_global=n_global, causal=causal)
-    layer = _check(spec, n=400, batch=1)
+    layer = _check(spec, n=400, batch=1 if grads else 2, grads=grads)
     assert layer.last_backend.startswith("blocked/")
 
 

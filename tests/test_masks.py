@@ -91,3 +91,38 @@ def test_blocked_layout_shows_each_query_exactly_its_keys_once(rule, n, n_global
         assert (cols[keep] >= 0).all()
         seen.index_put_((rows[keep], cols[keep]), torch.ones(int(keep.sum()), dtype=torch.long), accumulate=True)
     assert torch.equal(seen, _dense(rule, n, n_global).long())
+
+
+@pytest.mark.parametrize("rule", [r for r in RULES if r.window is not None], ids=str)
+@pytest.mark.parametrize("n,n_global", [(150, 0), (401, 3), (2000, 2)])
+def test_blocked_pieces_broadcast_one_mask_over_the_interior_runs(rule, n, n_global):
+    """The pieces the blocked path runs (edge runs with their own masks, interior runs sharing
+    one broadcast row) rebuild every phase's full per-run mask exactly."""
+    layout = BlockedLayout.of(rule, n, n_global)
+    interior_runs = 0
+    for phase in range(layout.phases):
+        full = layout.mask(rule, phase, None, torch.float32)
+        pieces = layout.pieces(rule, phase, None, torch.float32)
+        assert [(a, z) for a, z, _ in pieces] == list(zip([0] + [z for _, z, _ in pieces[:-1]], [z for _, z, _ in pieces]))
+        rebuilt = torch.cat([m.expand(z - a, -1, -1, -1) for a, z, m in pieces])
+        assert torch.equal(rebuilt, full)
+        lo, hi = layout.interior(phase)
+        interior_runs += hi - lo
+    assert interior_runs > 0 or n < 400
+
+
+@pytest.mark.parametrize("n", [1, 37, 150, 160, 401])
+def test_key_buffer_written_in_place_matches_pad_and_concatenate(n):
+    """Without grad the key buffer is written slice by slice (RoPE applied on the way); with grad
+    it is padded and concatenated: the same buffer, position for position, padding included."""
+    layout = BlockedLayout.of(Visibility(causal=False, window=13), n, 3)
+    k, g = torch.randn(2, 3, n, 8), torch.randn(2, 3, 3, 8)
+    rotation = torch.polar(torch.ones(n, 4), torch.rand(n, 4) * 6.3)
+    roped = torch.view_as_real(torch.view_as_complex(k.unflatten(-1, (4, 2))) * rotation).flatten(-2)
+    with torch.no_grad():
+        in_place, in_place_roped = layout.key_buffer(k, g), layout.key_buffer(k, g, rotation)
+    padded = layout.key_buffer(k.clone().requires_grad_(), g).detach()
+    padded_roped = layout.key_buffer(k.clone().requires_grad_(), g, rotation).detach()
+    assert torch.equal(in_place, padded)
+    assert torch.equal(in_place_roped, padded_roped)
+    assert torch.equal(in_place_roped, layout.key_buffer(roped, g))
