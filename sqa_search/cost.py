@@ -34,18 +34,24 @@ Counting conventions (why the numbers are what they are):
   "cpu", which `predict` takes from the profile) they mirror what `SparseQueryAttention`
   actually runs there: tile-granular causal and windowed work (flash/flex tiles on CUDA; the
   CPU flash kernel's 512-key blocks; the blocked window path's runs of p*blk + G keys per
-  query row, from `sqa_search.masks.BlockedLayout` itself), K/V expansion copies where the
-  grouped kernel is not used, the blocked layout's pads and its backward's slice gradients,
-  masks, concatenations, and RoPE as the layer runs it (weight rows put in pair order, the
-  cos/sin tables built for q and for k, one complex multiply). Decode reads the cache as it
-  is (global tokens in its first slots, no copy for any grouping). Calibration can only fit
+  query row, from `sqa_search.masks.BlockedLayout` itself, made as the layer makes it: with
+  grad (``train``) blocks of ~W/2, pad/stack copies, one SDPA call per phase and the
+  backward's slice gradients; without (``prefill``) blocks of ~W/4, q, k and v written once
+  into the layout, interior runs sharing one broadcast mask (a few SDPA calls per phase), in
+  float32 RoPE applied during that copy and, bidirectional, the global tokens' pass reading the
+  layout's buffers under a mask), K/V expansion copies where the grouped kernel is not used,
+  masks, concatenations, and RoPE as the layer runs it (weight rows put in pair order, one
+  complex multiply; the factors are cached per length, so only decode builds them, once per
+  step). Decode reads the cache as it is (global tokens in its first slots, no copy for any
+  grouping). Calibration can only fit
   what the model's phases describe, so the phases follow the code, and tests/test_cost.py
   checks them against the layer's own FLOPs and kernels.
 * ``launches`` count kernels (non-view ops; exact for prefill and decode on CPU, approximate
   for the backward). View ops are not counted, though on a CPU each costs about as much
-  dispatch time (~1 us) as a tiny kernel: the blocked path runs about twice the SDPA path's
-  views (83 per forward of SW-SQA at d_model 128, against 40-46 for full attention), so a
-  CPU fit under-predicts windowed layers where overhead dominates (N of a few hundred).
+  dispatch time (~1 us) as a tiny kernel: the forward-only blocked path runs several times
+  the SDPA path's views (231-236 per forward of SW-SQA at d_model 128, N 512-1024, against
+  30-36 for MHA, GQA and SQA; counted with a TorchDispatchMode, torch 2.13), so a CPU fit
+  under-predicts windowed layers where overhead dominates (N of a few hundred).
 
 Calibration (`calibrate`): least squares on log time, made robust (soft-L1, so one stalled
 timing on a shared machine cannot drag the fit) and pulled weakly towards the starting factors
@@ -374,13 +380,14 @@ def _global_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, impl: b
             g_kv_heads, mask = heads, eb * keys
             if expands:
                 b.elementwise(p + "global_expand", eb * 2 * 2 * batch * g * hd * (hkv + heads), 0, 4)
-            elif spec.grouping == "reverse":
-                b.elementwise(p + "global_q_gather", eb * batch * g * hd * (hq + heads), 0, 1)
         elif impl:
             b.elementwise(p + "global_concat", eb * 2 * 2 * batch * hkv * (n + g) * hd, 0, 2)
             if expands:
                 g_kv_heads = heads
                 b.elementwise(p + "global_expand", eb * 2 * batch * (n + g) * hd * (hkv + heads), 0, 2)
+        if impl and spec.grouping == "reverse":
+            # rSQA: the tokens' queries gathered to the KV heads, their head-major output merged back
+            b.elementwise(p + "global_q_gather", eb * batch * g * hd * (hq + 3 * heads), 0, 2)
         g_pairs = g * keys
         b.add(p + "global_attn", 4 * batch * heads * hd * g_pairs,
               eb * batch * hd * (2 * heads * g + 2 * g_kv_heads * keys) + mask, "attention", 1, (2.5, 2.0, 1.0))

@@ -247,6 +247,7 @@ def _dispatched_ops(fn) -> int:
     AttentionSpec.variant("flexsqa", 128, 8),
     # bidirectional: the global tokens' pass reads the blocked layout's buffers
     AttentionSpec(d_model=96, n_heads=6, n_q_heads=6, n_kv_heads=4, window=100, n_global=3, causal=False),
+    AttentionSpec(d_model=64, n_heads=4, n_q_heads=1, n_kv_heads=2, window=33, n_global=2, causal=False),  # rSQA
     AttentionSpec.variant("sqa", 64, 4, rope=False),
 ])
 def test_launches_are_the_ops_the_layer_runs(spec):
