@@ -499,20 +499,21 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
 
     path = "decode" if decode else _attention_path(spec, n, device_type)
     # the blocked path's layout as the layer makes it: with grad (train) coarser blocks and
-    # pad/stack copies; without (prefill) finer blocks, and in float32 RoPE applied while laying
-    # out q and k and, bidirectional, the global tokens' pass reading the layout's buffers
+    # pad/stack copies; without (prefill) finer blocks. `late` (attention.forward's `inference`:
+    # blocked, no grad, float32): RoPE is applied while laying out q and k and, bidirectional,
+    # the global tokens' pass reads the layout's buffers
     lay = None
     if path == "blocked":
         lay = BlockedLayout.of(_rule(spec), n, g, grad=mode == "train")
-    forward_only = lay is not None and mode == "prefill" and eb == 4
-    globals_in_buffers = forward_only and g > 0 and not spec.causal
+    late = lay is not None and mode == "prefill" and eb == 4
+    globals_in_buffers = late and g > 0 and not spec.causal
     if impl and decode:  # the token's position (prefill and train cache RoPE's factors per length)
         b.elementwise(p + "positions", 8, 0, 1, grad=False)
     b.linear(p + "q_proj", rows, d, hq * hd, spec.bias)
     b.linear(p + "k_proj", rows, d, hkv * hd, spec.bias)
     b.linear(p + "v_proj", rows, d, hkv * hd, spec.bias)
     if spec.rope:
-        _rope_phases(b, spec, rows, 1 if decode else n, impl, p, tables=decode, multiply=not forward_only)
+        _rope_phases(b, spec, rows, 1 if decode else n, impl, p, tables=decode, multiply=not late)
     if decode:
         return _decode_phases(b, spec, batch, n, impl, p)
 
@@ -545,7 +546,7 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
             b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)
     elif path == "blocked":
         pairs, q_len, k_len, mask_bytes, calls = _blocked_phases(
-            b, spec, batch, n, heads, p, lay, grad=mode == "train", rope_in_layout=forward_only and spec.rope,
+            b, spec, batch, n, heads, p, lay, grad=mode == "train", rope_in_layout=late and spec.rope,
             globals_in_buffers=globals_in_buffers)
     else:  # sdpa-masked: dense (N, N+G) mask built every call, every pair computed
         pairs = n * (n + g)

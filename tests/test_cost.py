@@ -134,8 +134,8 @@ def test_implementation_counts_mirror_the_layer():
     cpu = step_cost(spec, batch=1, seq_len=4096, mode="prefill", device_type="cpu", attention_tile=64)
     # flex computes whole 128x128 tiles
     assert ideal < total(cuda, "flops", ("attention",)) <= 2.1 * ideal
-    # the blocked path's rows score W/2-token blocks around their window: 192 keys for 128
-    # visible (blocks of W would score 256), plus the padding to whole phases
+    # the blocked path's rows (prefill: W/4-token blocks) score the blocks around their window:
+    # 160 keys for 128 visible (blocks of W would score 256), plus the padding to whole phases
     assert ideal < total(cpu, "flops", ("attention",)) < 1.6 * ideal
     # the CPU path copies K/V out to every query head; CUDA keeps bf16 grouped
     assert "expand_kv" in by_name(cpu) and "expand_kv" not in by_name(cuda)
