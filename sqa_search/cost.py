@@ -43,11 +43,10 @@ Counting conventions (why the numbers are what they are):
   masks, concatenations, and RoPE as the layer runs it (weight rows put in pair order, one
   complex multiply; the factors are cached per length, so only decode builds them, once per
   step). Decode reads the cache as it is (global tokens in its first slots, no copy for any
-  grouping). Calibration can only fit
-  what the model's phases describe, so the phases follow the code, and tests/test_cost.py
-  checks them against the layer's own FLOPs and kernels.
-* ``launches`` count kernels (non-view ops; exact for prefill and decode on CPU, approximate
-  for the backward). View ops are not counted, though on a CPU each costs about as much
+  grouping). Calibration can only fit what the model's phases describe, so the phases follow
+  the code, and tests/test_cost.py checks them against the layer's own FLOPs and kernels.
+* ``launches`` count kernels (non-view ops; exact on CPU for prefill, decode and the forward of
+  train, approximate for the backward). View ops are not counted, though on a CPU each costs about as much
   dispatch time (~1 us) as a tiny kernel: the forward-only blocked path runs several times
   the SDPA path's views (231-236 per forward of SW-SQA at d_model 128, N 512-1024, against
   30-36 for MHA, GQA and SQA; counted with a TorchDispatchMode, torch 2.13), so a CPU fit
