@@ -46,11 +46,13 @@ Counting conventions (why the numbers are what they are):
   grouping). Calibration can only fit what the model's phases describe, so the phases follow
   the code, and tests/test_cost.py checks them against the layer's own FLOPs and kernels.
 * ``launches`` count kernels (non-view ops; exact on CPU for prefill, decode and the forward of
-  train, approximate for the backward). View ops are not counted, though on a CPU each costs about as much
-  dispatch time (~1 us) as a tiny kernel: the forward-only blocked path runs several times
-  the SDPA path's views (231-236 per forward of SW-SQA at d_model 128, N 512-1024, against
-  30-36 for MHA, GQA and SQA; counted with a TorchDispatchMode, torch 2.13), so a CPU fit
-  under-predicts windowed layers where overhead dominates (N of a few hundred).
+  train, approximate for the backward). View ops are not counted, though on a CPU each costs
+  about as much dispatch time (~1 us) as a tiny kernel: the forward-only blocked path runs
+  several times the SDPA path's views (231-236 per forward of SW-SQA at d_model 128, N
+  512-1024, against 30-36 for MHA, GQA and SQA; counted with a TorchDispatchMode, torch 2.13),
+  so a CPU fit under-predicts windowed layers where overhead dominates (N of a few hundred:
+  the default calibration's held-out error for windowed prefill at N=256 was -21% to -32%,
+  2-core VM, 2026-12-02).
 
 Calibration (`calibrate`): least squares on log time, made robust (soft-L1, so one stalled
 timing on a shared machine cannot drag the fit) and pulled weakly towards the starting factors
