@@ -34,18 +34,25 @@ Counting conventions (why the numbers are what they are):
   "cpu", which `predict` takes from the profile) they mirror what `SparseQueryAttention`
   actually runs there: tile-granular causal and windowed work (flash/flex tiles on CUDA; the
   CPU flash kernel's 512-key blocks; the blocked window path's runs of p*blk + G keys per
-  query row, from `sqa_search.masks.BlockedLayout` itself), K/V expansion copies where the
-  grouped kernel is not used, the blocked layout's pads and its backward's slice gradients,
-  masks, concatenations, and RoPE as the layer runs it (weight rows put in pair order, the
-  cos/sin tables built for q and for k, one complex multiply). Decode reads the cache as it
-  is (global tokens in its first slots, no copy for any grouping). Calibration can only fit
-  what the model's phases describe, so the phases follow the code, and tests/test_cost.py
-  checks them against the layer's own FLOPs and kernels.
-* ``launches`` count kernels (non-view ops; exact for prefill and decode on CPU, approximate
-  for the backward). View ops are not counted, though on a CPU each costs about as much
-  dispatch time (~1 us) as a tiny kernel: the blocked path runs about twice the SDPA path's
-  views (83 per forward of SW-SQA at d_model 128, against 40-46 for full attention), so a
-  CPU fit under-predicts windowed layers where overhead dominates (N of a few hundred).
+  query row, from `sqa_search.masks.BlockedLayout` itself, made as the layer makes it: with
+  grad (``train``) blocks of ~W/2, pad/stack copies, one SDPA call per phase and the
+  backward's slice gradients; without (``prefill``) blocks of ~W/4, q, k and v written once
+  into the layout, interior runs sharing one broadcast mask (a few SDPA calls per phase), in
+  float32 RoPE applied during that copy and, bidirectional, the global tokens' pass reading the
+  layout's buffers under a mask), K/V expansion copies where the grouped kernel is not used,
+  masks, concatenations, and RoPE as the layer runs it (weight rows put in pair order, one
+  complex multiply; the factors are cached per length, so only decode builds them, once per
+  step). Decode reads the cache as it is (global tokens in its first slots, no copy for any
+  grouping). Calibration can only fit what the model's phases describe, so the phases follow
+  the code, and tests/test_cost.py checks them against the layer's own FLOPs and kernels.
+* ``launches`` count kernels (non-view ops; exact on CPU for prefill, decode and the forward of
+  train, approximate for the backward). View ops are not counted, though on a CPU each costs
+  about as much dispatch time (~1 us) as a tiny kernel: the forward-only blocked path runs
+  several times the SDPA path's views (231-236 per forward of SW-SQA at d_model 128, N
+  512-1024, against 30-36 for MHA, GQA and SQA; counted with a TorchDispatchMode, torch 2.13),
+  so a CPU fit under-predicts windowed layers where overhead dominates (N of a few hundred:
+  the default calibration's held-out error for windowed prefill at N=256 was -21% to -32%,
+  2-core VM, 2026-12-02).
 
 Calibration (`calibrate`): least squares on log time, made robust (soft-L1, so one stalled
 timing on a shared machine cannot drag the fit) and pulled weakly towards the starting factors
@@ -290,8 +297,13 @@ def _expands_kv(spec: AttentionSpec, path: str, device_type: str | None, peak_ke
     return True  # blocked and sdpa-masked group with allow_native_gqa=False
 
 
-def _rope_phases(b: _Builder, spec: AttentionSpec, rows: int, positions: int, impl: bool, p: str) -> None:
-    """RoPE on q and k: one complex multiply per rotated pair (attention._rope_paired)."""
+def _rope_phases(b: _Builder, spec: AttentionSpec, rows: int, positions: int, impl: bool, p: str,
+                 tables: bool = True, multiply: bool = True) -> None:
+    """RoPE on q and k: one complex multiply per rotated pair (attention._rope_paired).
+
+    tables: the factors are computed in this step (decode; prefill and train cache them per
+    length). multiply: the multiply is a phase of its own (not when the blocked path applies it
+    while copying q and k into its layout, counted there)."""
     hd, eb = spec.head_dim, b.eb
     elems = rows * (spec.n_q_heads + spec.n_kv_heads) * hd
     if not impl:
@@ -304,9 +316,12 @@ def _rope_phases(b: _Builder, spec: AttentionSpec, rows: int, positions: int, im
     reordered = rows if few else spec.d_model
     b.add(p + "qk_reorder", 0, eb * 2 * reordered * (spec.n_q_heads + spec.n_kv_heads) * hd, "elementwise",
           2 + (2 if spec.bias and not few else 0), (0.0, 1.5, 2.0))
-    # rope_tables runs once for q and once for k (no gradient): 10 small ops, then torch.complex;
-    # float32 tables of (positions, hd): angles, cat, cos, sin, complex ~ 8 table-sized passes
-    b.elementwise(p + "rope_tables", 2 * 4 * 8 * positions * hd, 2 * 8 * positions * hd, 2 * 11, grad=False)
+    if tables:
+        # rope_tables runs once, for q and k together (no gradient): 10 small ops, then torch.complex;
+        # float32 tables of (positions, hd): angles, cat, cos, sin, complex ~ 8 table-sized passes
+        b.elementwise(p + "rope_tables", 4 * 8 * positions * hd, 8 * positions * hd, 11, grad=False)
+    if not multiply:
+        return
     # the multiply reads and writes each element once in float32; other dtypes add a cast to
     # float32 and back (no complex bf16/fp16). Backward: conj, clone (tiny), multiply
     if eb == 4:
@@ -342,64 +357,135 @@ def _decode_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, impl: b
     return "decode" if impl else "ideal"
 
 
-def _global_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, impl: bool, p: str) -> None:
-    """Global tokens' keys and values (and, bidirectional, their pass over the sequence)."""
+def _global_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, impl: bool, p: str,
+                   in_buffers: BlockedLayout | None = None) -> None:
+    """Global tokens' keys and values (and, bidirectional, their pass over the sequence).
+
+    in_buffers: the blocked path's forward-only layout whose key/value buffers the tokens' own
+    pass reads under a mask (attention._buffers_with_globals) instead of a concatenation."""
     eb, d, hd, g = b.eb, spec.d_model, spec.head_dim, spec.n_global
     hq, hkv, heads = spec.n_q_heads, spec.n_kv_heads, spec.n_attn_heads
     bg = batch * g
     reorder = 1 if impl and spec.rope else 0  # q and k outputs put in RoPE's pair order (no RoPE: no position)
     # the learned tokens, expanded over the batch, are copied before each of their first projections
     copies = 1 if impl and batch > 1 else 0
+    expands = spec.grouping != "reverse" and hq != hkv  # attention._expand_kv copies
     if not spec.causal:
         b.linear(p + "global_q", bg, d, hq * hd, spec.bias, launches=1 + reorder + copies)
         b.linear(p + "global_kv_in", bg, d, 2 * hkv * hd, spec.bias, launches=2 + reorder + 2 * copies)
-        g_kv_heads = hkv
-        if impl:
+        g_kv_heads, keys, mask = hkv, n + g, 0
+        if in_buffers is not None:
+            # the first keys/values expanded into the buffers; _group's own expansion of them
+            # (discarded: the buffers are expanded already) or, rSQA, the queries' gather
+            keys = (in_buffers.nb // in_buffers.phases + 1) * in_buffers.period  # every buffer slot, masked
+            g_kv_heads, mask = heads, eb * keys
+            if expands:
+                b.elementwise(p + "global_expand", eb * 2 * 2 * batch * g * hd * (hkv + heads), 0, 4)
+        elif impl:
             b.elementwise(p + "global_concat", eb * 2 * 2 * batch * hkv * (n + g) * hd, 0, 2)
-            if spec.grouping != "reverse" and hq != hkv:
+            if expands:
                 g_kv_heads = heads
                 b.elementwise(p + "global_expand", eb * 2 * batch * (n + g) * hd * (hkv + heads), 0, 2)
-        g_pairs = g * (n + g)
+        if impl and spec.grouping == "reverse":
+            # rSQA: the tokens' queries gathered to the KV heads, their head-major output merged back
+            b.elementwise(p + "global_q_gather", eb * batch * g * hd * (hq + 3 * heads), 0, 2)
+        g_pairs = g * keys
         b.add(p + "global_attn", 4 * batch * heads * hd * g_pairs,
-              eb * batch * hd * (2 * heads * g + 2 * g_kv_heads * (n + g)), "attention", 1, (2.5, 2.0, 1.0))
+              eb * batch * hd * (2 * heads * g + 2 * g_kv_heads * keys) + mask, "attention", 1, (2.5, 2.0, 1.0))
         b.linear(p + "global_o", bg, heads * hd, d, spec.bias)
+        if impl:  # the tokens' updated states: token + attention output
+            b.elementwise(p + "global_residual", eb * 3 * bg * d, bg * d, 1)
     b.linear(p + "global_kv", bg, d, 2 * hkv * hd, spec.bias,
              launches=2 + reorder + (0 if not spec.causal else 2 * copies))
 
 
-def _blocked_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, heads: int, p: str):
-    """The blocked window path's copies (attention._blocked with masks.BlockedLayout).
+def _blocked_phases(b: _Builder, spec: AttentionSpec, batch: int, n: int, heads: int, p: str,
+                    lay: BlockedLayout, grad: bool, rope_in_layout: bool = False, globals_in_buffers: bool = False):
+    """The blocked window path's copies (attention._blocked with masks.BlockedLayout `lay`, made
+    with the layer's own ``grad`` choice: train has grad, prefill has none).
 
     Returns (pairs, query rows, key rows the kernel reads, mask bytes, SDPA calls) per
     (batch, head): every query row, padding included, scores the P = p*blk + G keys of its run.
     q, k and v all have `heads` heads here (K/V were expanded, or rSQA's queries gathered).
+    rope_in_layout: RoPE is applied while q and k are copied in; globals_in_buffers: the global
+    tokens' first and updated keys/values are both written into the buffers (both forward-only).
     """
-    eb, hd, g = b.eb, spec.head_dim, spec.n_global
-    lay = BlockedLayout.of(_rule(spec), n, g)
-    ph, npad, period = lay.phases, lay.nb * lay.blk, lay.period
+    scale = b.eb * batch * heads * spec.head_dim  # bytes of one element per (batch, head, dim)
+    if grad:
+        _grad_layout_copies(b, lay, batch, n, scale, p)
+        calls, mask_runs = lay.phases, lay.nb  # one call per phase, a mask per run
+    else:
+        calls, mask_runs = _forward_only_copies(b, spec, lay, batch, n, heads, scale, p, rope_in_layout,
+                                                globals_in_buffers)
+    # the additive masks are built once per shape and cached by the layer; the kernel reads
+    # them (broadcast over batch and heads) at every call
+    mask_bytes = b.eb * mask_runs * lay.blk * lay.period
+    return lay.nb * lay.blk * lay.period, lay.nb * lay.blk, lay.nb * lay.period, mask_bytes, calls
+
+
+def _grad_layout_copies(b: _Builder, lay: BlockedLayout, batch: int, n: int, scale: int, p: str) -> None:
+    """With grad: pad q; pad k and v (and with globals, cat each into periods); stack the
+    phases' outputs back in token order. Backward: each phase's slice of q, k and v gets a
+    full-size zero gradient (slice_backward) that p - 1 adds sum up, then the pads are cut off
+    again (and the globals summed)."""
+    g, ph, npad, period = lay.n_global, lay.phases, lay.nb * lay.blk, lay.period
     seq_buf = (lay.nb // ph + 1) * ph * lay.blk  # padded keys (one period past the last run)
     buf = (lay.nb // ph + 1) * period  # the key buffer: seq_buf plus one copy of the globals per period
-    # forward, in elements per (batch, head, dim): pad q; pad k and v (and with globals, cat
-    # each into periods); stack the phases' outputs back in token order. The output projection
-    # reads that as it is, unless batch > 1 and padding must be cut off (one more copy).
+    # in elements per (batch, head, dim). The output projection reads the stacked outputs as
+    # they are, unless batch > 1 and padding must be cut off (one more copy).
     fwd = (n + npad) + 2 * (n + seq_buf) + (2 * 2 * buf if g else 0) + 2 * npad
     fwd_launches = 4 + (2 if g else 0)
     cut = batch > 1 and npad != n
     if cut:
         fwd, fwd_launches = fwd + 2 * n, fwd_launches + 1
-    # backward: each phase's slice of q, k and v gets a full-size zero gradient (slice_backward)
-    # that p - 1 adds sum up, then the pads are cut off again (and the globals summed)
     bwd = (ph * npad + 2 * npad + 3 * (ph - 1) * npad + 2 * n) + 2 * (ph * buf + 2 * lay.nb * period
                                                                     + 3 * (ph - 1) * buf + 2 * n)
     bwd += npad + 2 * n + (2 * 2 * seq_buf if g else 0) + (2 * n if cut else 0)
     bwd_launches = 1 + 3 * 2 * ph + (4 if g else 0) + (1 if cut else 0)
-    scale = eb * batch * heads * hd
     b.add(p + "window_blocks", 0, scale * fwd, "elementwise", fwd_launches,
           (0.0, bwd / fwd, bwd_launches / fwd_launches))
-    # the additive masks are built once per shape and cached by the layer; the kernel reads
-    # them (broadcast over batch and heads) at every call
-    mask_bytes = eb * lay.nb * lay.blk * period
-    return npad * period, npad, lay.nb * period, mask_bytes, ph
+
+
+def _forward_only_copies(b: _Builder, spec, lay: BlockedLayout, batch: int, n: int, heads: int, scale: int, p: str,
+                         rope_in_layout: bool, globals_in_buffers: bool) -> tuple[int, int]:
+    """Without grad: q and the key/value buffers written once (BlockedLayout.queries and
+    key_buffer: new_empty, slice writes, only the padding zeroed); each phase's runs in
+    pieces (BlockedLayout.pieces: interior runs share one broadcast mask row, edge runs keep
+    their own), each piece one SDPA call whose output is copied into the merged output
+    (BlockedLayout.unblock). Returns (SDPA calls, mask rows of blk x P the kernel reads)."""
+    g, ph, npad = lay.n_global, lay.phases, lay.nb * lay.blk
+    periods, width = lay.nb // ph + 1, ph * lay.blk
+    global_writes = 2 if globals_in_buffers else 1  # first, then the updated globals
+    per_buffer = (n + periods * width) + (global_writes * (periods + 1) * g if g else 0)
+    elems = (n + npad) + 2 * per_buffer + 2 * npad  # q, k and v written in, outputs merged
+    launches = 3 + 2 * (_key_buffer_ops(lay) + (1 if globals_in_buffers else 0))
+    calls = mask_rows = 0
+    runs = lay.nb // ph
+    for phase in range(ph):
+        lo, hi = lay.interior(phase)
+        calls += (lo > 0) + (hi > lo) + (runs > hi)
+        mask_rows += lo + (hi > lo) + (runs - hi)
+    launches += 1 + calls  # the merged output's new_empty, a copy per piece
+    if batch > 1 and npad != n:  # the output projection's input cut out of the padded one
+        elems, launches = elems + 2 * n, launches + 1
+    flops = nbytes_rot = 0
+    if rope_in_layout:  # q and k (expanded heads) multiplied by the complex factors on the way
+        flops = 3 * 2 * batch * heads * n * spec.head_dim
+        nbytes_rot = 2 * 8 * n * (spec.head_dim // 2)
+    b.add(p + "window_blocks", flops, scale * elems + nbytes_rot, "elementwise", launches, None)
+    return calls, mask_rows
+
+
+def _key_buffer_ops(lay: BlockedLayout) -> int:
+    """Ops of one BlockedLayout.key_buffer without grad (masks._fill_slots): new_empty, the
+    globals' copy, zeros before the first key, two or three slice writes, zeros after the last
+    (two fills, dispatched even when empty) unless the keys end in the last period."""
+    ph, offset = lay.phases, lay.before * lay.blk
+    periods, width = lay.nb // ph + 1, ph * lay.blk
+    first = min(lay.n, width - offset)
+    rest = first + (lay.n - first) // width * width < lay.n
+    tail = (offset + lay.n) // width < periods
+    return 1 + (1 if lay.n_global else 0) + 1 + 2 + rest + 2 * tail
 
 
 def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile, prefix="attn.") -> str:
@@ -412,19 +498,28 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
     rows = batch if decode else batch * n  # tokens going through the projections
     p = prefix
 
-    if impl:  # the token positions, made every call (RoPE or not)
-        b.elementwise(p + "positions", 8 * (1 if decode else n), 0, 1, grad=False)
+    path = "decode" if decode else _attention_path(spec, n, device_type)
+    # the blocked path's layout as the layer makes it: with grad (train) coarser blocks and
+    # pad/stack copies; without (prefill) finer blocks. `late` (attention.forward's `inference`:
+    # blocked, no grad, float32): RoPE is applied while laying out q and k and, bidirectional,
+    # the global tokens' pass reads the layout's buffers
+    lay = None
+    if path == "blocked":
+        lay = BlockedLayout.of(_rule(spec), n, g, grad=mode == "train")
+    late = lay is not None and mode == "prefill" and eb == 4
+    globals_in_buffers = late and g > 0 and not spec.causal
+    if impl and decode:  # the token's position (prefill and train cache RoPE's factors per length)
+        b.elementwise(p + "positions", 8, 0, 1, grad=False)
     b.linear(p + "q_proj", rows, d, hq * hd, spec.bias)
     b.linear(p + "k_proj", rows, d, hkv * hd, spec.bias)
     b.linear(p + "v_proj", rows, d, hkv * hd, spec.bias)
     if spec.rope:
-        _rope_phases(b, spec, rows, 1 if decode else n, impl, p)
+        _rope_phases(b, spec, rows, 1 if decode else n, impl, p, tables=decode, multiply=not late)
     if decode:
         return _decode_phases(b, spec, batch, n, impl, p)
 
-    path = _attention_path(spec, n, device_type)
     if g:
-        _global_phases(b, spec, batch, n, impl, p)
+        _global_phases(b, spec, batch, n, impl, p, in_buffers=lay if globals_in_buffers else None)
     expand = _expands_kv(spec, path, device_type, peak_key)
     kv_heads_read = heads if expand else hkv  # rSQA: heads == hkv, the query heads are gathered
     if spec.grouping == "reverse" and impl:
@@ -451,7 +546,9 @@ def _layer_phases(b: _Builder, spec, batch, n, mode, device_type, peak_key, tile
         if g:
             b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)
     elif path == "blocked":
-        pairs, q_len, k_len, mask_bytes, calls = _blocked_phases(b, spec, batch, n, heads, p)
+        pairs, q_len, k_len, mask_bytes, calls = _blocked_phases(
+            b, spec, batch, n, heads, p, lay, grad=mode == "train", rope_in_layout=late and spec.rope,
+            globals_in_buffers=globals_in_buffers)
     else:  # sdpa-masked: dense (N, N+G) mask built every call, every pair computed
         pairs = n * (n + g)
         b.elementwise(p + "kv_concat", eb * 2 * 2 * batch * kv_heads_read * (n + g) * hd, 0, 2)

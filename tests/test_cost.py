@@ -134,8 +134,8 @@ def test_implementation_counts_mirror_the_layer():
     cpu = step_cost(spec, batch=1, seq_len=4096, mode="prefill", device_type="cpu", attention_tile=64)
     # flex computes whole 128x128 tiles
     assert ideal < total(cuda, "flops", ("attention",)) <= 2.1 * ideal
-    # the blocked path's rows score W/2-token blocks around their window: 192 keys for 128
-    # visible (blocks of W would score 256), plus the padding to whole phases
+    # the blocked path's rows (prefill: W/4-token blocks) score the blocks around their window:
+    # 160 keys for 128 visible (blocks of W would score 256), plus the padding to whole phases
     assert ideal < total(cpu, "flops", ("attention",)) < 1.6 * ideal
     # the CPU path copies K/V out to every query head; CUDA keeps bf16 grouped
     assert "expand_kv" in by_name(cpu) and "expand_kv" not in by_name(cuda)
@@ -143,15 +143,30 @@ def test_implementation_counts_mirror_the_layer():
 
 
 # ----- the model's counts against the real layer's work --------------------------------------------
-def _counted_flops(layer, x, cache=None):
-    """torch's own FLOP count of one forward (or decode step, with a cache). SDPA is forced onto
-    its math path, whose matmuls FlopCounterMode sees (it does not count CPU flash kernels);
-    the math path multiplies exactly the keys the fused kernel would, mask or not."""
+class _WholeStep:
+    """FlopCounterMode's module tracker without its module hooks, which fail without grad
+    (on the expanded global tokens): every FLOP is counted under "Global"."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _counted_flops(layer, x, cache=None, grad=False):
+    """torch's own FLOP count of one forward (with or without grad) or decode step (with a
+    cache). SDPA is forced onto its math path, whose matmuls FlopCounterMode sees (it does not
+    count CPU flash kernels); the math path multiplies exactly the keys the fused kernel would,
+    mask or not."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    # (not under no_grad: FlopCounterMode's module hooks then fail on the expanded global tokens)
-    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _WholeStep()
+    with torch.set_grad_enabled(grad), sdpa_kernel(SDPBackend.MATH), counter:
         layer(x) if cache is None else layer.decode(x, cache)
     return counter.get_total_flops()
 
@@ -167,23 +182,26 @@ def test_blocked_path_flops_are_the_layers(spec, n, batch):
 
     layer = SparseQueryAttention(spec)
     x = torch.randn(batch, n, spec.d_model)
-    counted = _counted_flops(layer, x)
-    assert layer.last_backend == "blocked/math"
-    phases = step_cost(spec, batch=batch, seq_len=n, mode="prefill", dtype="float32", device_type="cpu")
-    assert total(phases, "flops", ("matmul", "attention")) == counted
-    # the rows of the masks the layer builds: the model's pairs are all of them, padding
-    # included; the ones the rule admits (finite) are the algorithm's visible pairs
     rule, g = Visibility(spec.causal, spec.window), spec.n_global
-    plan = BlockedLayout.of(rule, n, g)
-    masks = layer._slot_mask(plan, "cpu", torch.float32)
-    scored = sum(m.shape[0] * m.shape[2] * m.shape[3] for m in masks)
     ideal = step_cost(spec, batch=batch, seq_len=n, mode="prefill", dtype="float32")
-    assert by_name(phases)["scores"].flops == 2 * batch * spec.n_attn_heads * spec.head_dim * scored
-    visible = 0
-    for ph, m in enumerate(masks):
-        q_idx, _ = plan.key_index(ph)
-        visible += int((m.isfinite() & (q_idx < n)).sum())
-    assert by_name(ideal)["scores"].flops == 2 * batch * spec.n_attn_heads * spec.head_dim * visible
+    # prefill runs the forward-only layout, train's forward the layout with grad: each mode's
+    # forward FLOPs are the layer's, and its scored pairs the rows of the masks the layer builds
+    # (padding included); the ones the rule admits (finite) are the algorithm's visible pairs
+    for mode, grad in (("prefill", False), ("train", True)):
+        counted = _counted_flops(layer, x, grad=grad)
+        assert layer.last_backend == "blocked/math"
+        phases = [ph for ph in step_cost(spec, batch=batch, seq_len=n, mode=mode, dtype="float32", device_type="cpu")
+                  if not ph.name.endswith(".bwd")]
+        assert total(phases, "flops", ("matmul", "attention")) == counted, mode
+        plan = BlockedLayout.of(rule, n, g, grad=grad)
+        pieces = layer._slot_mask(plan, "cpu", torch.float32, whole=grad)
+        scored = sum((stop - start) * m.shape[2] * m.shape[3] for phase in pieces for start, stop, m in phase)
+        assert by_name(phases)["scores"].flops == 2 * batch * spec.n_attn_heads * spec.head_dim * scored, mode
+        visible = 0
+        for ph in range(plan.phases):
+            q_idx, _ = plan.key_index(ph)
+            visible += int((plan.mask(rule, ph, "cpu", torch.float32).isfinite() & (q_idx < n)).sum())
+        assert by_name(ideal)["scores"].flops == 2 * batch * spec.n_attn_heads * spec.head_dim * visible, mode
 
 
 @pytest.mark.parametrize("spec", [
@@ -203,8 +221,9 @@ def test_decode_flops_are_the_layers(spec):
     assert total(phases, "flops", ("matmul", "attention")) == counted
 
 
-def _dispatched_ops(fn) -> int:
-    """Non-view aten ops one call dispatches: on CPU each is one kernel and one overhead term."""
+def _dispatched_ops(fn, grad: bool = False) -> int:
+    """Non-view aten ops one call dispatches (forward ops only, with grad too: autograd sits
+    above the dispatch mode): on CPU each is one kernel and one overhead term."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -215,7 +234,7 @@ def _dispatched_ops(fn) -> int:
                 Count.ops += 1
             return func(*args, **(kwargs or {}))
 
-    with torch.no_grad(), Count():
+    with torch.set_grad_enabled(grad), Count():
         fn()
     return Count.ops
 
@@ -227,6 +246,9 @@ def _dispatched_ops(fn) -> int:
     AttentionSpec.variant("rsqa", 64, 4),
     AttentionSpec.variant("swsqa", 128, 8),
     AttentionSpec.variant("flexsqa", 128, 8),
+    # bidirectional: the global tokens' pass reads the blocked layout's buffers
+    AttentionSpec(d_model=96, n_heads=6, n_q_heads=6, n_kv_heads=4, window=100, n_global=3, causal=False),
+    AttentionSpec(d_model=64, n_heads=4, n_q_heads=1, n_kv_heads=2, window=33, n_global=2, causal=False),  # rSQA
     AttentionSpec.variant("sqa", 64, 4, rope=False),
 ])
 def test_launches_are_the_ops_the_layer_runs(spec):
@@ -238,13 +260,17 @@ def test_launches_are_the_ops_the_layer_runs(spec):
     cache = layer.new_cache(batch, n + 1)
     token = torch.randn(batch, 1, spec.d_model)
     with torch.no_grad():
-        layer(x)  # the blocked path builds its masks once per shape
+        layer(x)  # the blocked path builds its masks once per shape, RoPE its factors once per length
         layer.prefill_cache(x, cache)
-    ran = {"prefill": _dispatched_ops(lambda: layer(x)), "decode": _dispatched_ops(lambda: layer.decode(token, cache))}
+    layer(x)  # and, with grad, the other layout's masks
+    # train: the forward with grad (the blocked path's other layout); its backward is approximate
+    ran = {"prefill": _dispatched_ops(lambda: layer(x)), "train": _dispatched_ops(lambda: layer(x), grad=True)}
+    if spec.causal:  # a bidirectional layer has no decode
+        ran["decode"] = _dispatched_ops(lambda: layer.decode(token, cache))
     for mode, ops in ran.items():
         cache.length = n
         phases = step_cost(spec, batch=batch, seq_len=n, mode=mode, dtype="float32", device_type="cpu")
-        assert total(phases, "launches") == ops, mode
+        assert total([ph for ph in phases if not ph.name.endswith(".bwd")], "launches") == ops, mode
 
 
 def test_flex_tiles_are_the_block_masks():
