@@ -334,6 +334,12 @@ class Objective:
         except KeyboardInterrupt:  # Ctrl-C: no result, so the trial runs again first on resume
             trial.set_user_attr("fail_reason", f"{INTERRUPTED} (KeyboardInterrupt)")
             raise
+        except Exception as exc:
+            # a reason, so the FAIL is a result and not an interruption: without one, every resume
+            # would re-run (and crash on) this configuration first
+            if "fail_reason" not in trial.user_attrs:
+                trial.set_user_attr("fail_reason", f"error: {type(exc).__name__}: {' '.join(str(exc).split())}")
+            raise
 
     def _evaluate(self, trial: optuna.Trial):
         _set_owner(trial.study._storage, trial._trial_id)  # a new trial's; a queued one has it already

@@ -238,3 +238,23 @@ def test_ctrl_c_mid_trial_costs_no_configuration(tmp_path):
                 key=lambda t: t.datetime_start)
     assert rerun.user_attrs["retry_of"] == stopped[0].number and rerun.state == TrialState.COMPLETE
     assert finished_count(study) == 3 and len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+
+
+def test_a_trial_that_crashes_is_a_failure_with_its_reason_not_an_interruption(tmp_path, monkeypatch):
+    """A bug inside a trial stops the run with its traceback, but the FAIL it leaves carries the
+    error as its reason: a resume must not take it for an interruption and re-run it first forever."""
+    from sqa_search import study as study_module
+
+    def crash(self, trial):
+        raise RuntimeError("boom in the objective")
+
+    path = _space_file(tmp_path, name="crash", study={"trials": 2})
+    monkeypatch.setattr(study_module.Objective, "_evaluate", crash)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    study = open_study(tmp_path / "studies" / "crash").study
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(failed) == 1
+    assert failed[0].user_attrs["fail_reason"] == "error: RuntimeError: boom in the objective"
+    assert not is_interrupted(failed[0])
+    assert study_module.recover_interrupted(study, requeue_failed=True) == 0
