@@ -635,12 +635,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m sqa_search.bench",
-        description="Time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware).",
-    )
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m sqa_search.bench`: the same as `sqa-search bench`, errors included."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -829,28 +829,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        chosen = [name for name in ("trial", "pick", "spec") if getattr(args, name) is not None]
-        if len(chosen) != 1:
-            raise ExportError("choose the configuration with exactly one of --study S --trial N, "
-                              "--study S --pick RULE or --spec SPEC" + (f" (got {', '.join('--' + c for c in chosen)})"
-                                                                        if chosen else ""))
-        kwargs = dict(weights=args.weights_from, weights_prefix=args.weights_prefix,
-                      with_weights=args.weights, seed=args.seed, module_name=args.module_name)
-        if args.spec is not None:
-            if args.study:
-                raise ExportError("--spec is given directly: drop --study (or use --trial / --pick with it)")
-            spec = parse_spec(args.spec, d_model=args.d_model, n_heads=args.heads, window=args.window,
-                              n_global=args.n_global, causal=False if args.bidirectional else None,
-                              bias=True if args.bias else None, rope=False if args.no_rope else None)
-            result = export_layer(spec, args.out, **kwargs)
-        else:
-            if not args.study:
-                raise ExportError(f"--{chosen[0]} needs --study S (a study folder)")
-            result = export_trial(args.study, args.out, trial=args.trial, pick=args.pick, **kwargs)
-    except (ExportError, SpecError) as exc:
-        print(f"error: {exc}")
-        return 2
+    chosen = [name for name in ("trial", "pick", "spec") if getattr(args, name) is not None]
+    if len(chosen) != 1:
+        raise ExportError("choose the configuration with exactly one of --study S --trial N, "
+                          "--study S --pick RULE or --spec SPEC" + (f" (got {', '.join('--' + c for c in chosen)})"
+                                                                    if chosen else ""))
+    kwargs = dict(weights=args.weights_from, weights_prefix=args.weights_prefix,
+                  with_weights=args.weights, seed=args.seed, module_name=args.module_name)
+    if args.spec is not None:
+        if args.study:
+            raise ExportError("--spec is given directly: drop --study (or use --trial / --pick with it)")
+        spec = parse_spec(args.spec, d_model=args.d_model, n_heads=args.heads, window=args.window,
+                          n_global=args.n_global, causal=False if args.bidirectional else None,
+                          bias=True if args.bias else None, rope=False if args.no_rope else None)
+        result = export_layer(spec, args.out, **kwargs)
+    else:
+        if not args.study:
+            raise ExportError(f"--{chosen[0]} needs --study S (a study folder)")
+        result = export_trial(args.study, args.out, trial=args.trial, pick=args.pick, **kwargs)
     print(result.summary())
     print(f"  chosen: {result.source.get('chosen_by', result.source.get('origin'))}")
     if result.weights_path is None:
@@ -859,9 +855,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sqa_search.export", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m sqa_search.export`: the same as `sqa-search export`, errors included."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

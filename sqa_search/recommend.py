@@ -788,19 +788,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .cost import CostError
-    from .export import ExportError, export_recommendation
+    from .export import export_recommendation
 
-    try:
-        result = recommend(
-            args.hardware, seq_len=args.seq_len, mode=args.mode, batch=args.batch, tolerance=args.tolerance,
-            tolerance_vs=args.tolerance_vs, max_kv_cache_bytes=args.max_kv_cache, max_latency_s=args.max_latency,
-            study=args.study, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, dtype=args.dtype,
-            what=args.what, device=args.device, n_alternatives=args.alternatives)
-        exported = export_recommendation(result, args.export) if args.export else None
-    except (RecommendError, ExportError, CostError, SpecError) as exc:
-        print("error: " + " ".join(str(exc).split()))
-        return 2
+    result = recommend(
+        args.hardware, seq_len=args.seq_len, mode=args.mode, batch=args.batch, tolerance=args.tolerance,
+        tolerance_vs=args.tolerance_vs, max_kv_cache_bytes=args.max_kv_cache, max_latency_s=args.max_latency,
+        study=args.study, d_model=args.d_model, n_heads=args.heads, n_layers=args.layers, dtype=args.dtype,
+        what=args.what, device=args.device, n_alternatives=args.alternatives)
+    exported = export_recommendation(result, args.export) if args.export else None
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
@@ -813,9 +808,12 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sqa_search.recommend", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m sqa_search.recommend`: the same as `sqa-search recommend`, errors included."""
+    import sys
+
+    from .cli import main as cli_main
+
+    return cli_main(["recommend", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from .space import SearchSpace, SpaceError, candidate_key, load_space, train_config_from
+from .space import SearchSpace, candidate_key, load_space, train_config_from
 from .spec import AttentionSpec
 from .study_storage import (
     META_FILE,
@@ -668,26 +668,22 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from .report import pareto_table, _front_columns
 
-    try:
-        if args.backend == "ray":
-            if args.workers != 1:
-                raise StudyError(f"--workers={args.workers} is not allowed with --backend ray: Ray schedules "
-                                 f"the trials (use --max-concurrent)")
-            from .ray_backend import run_ray_study
+    if args.backend == "ray":
+        if args.workers != 1:
+            raise StudyError(f"--workers={args.workers} is not allowed with --backend ray: Ray schedules "
+                             f"the trials (use --max-concurrent)")
+        from .ray_backend import run_ray_study
 
-            handle = run_ray_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
-                                   studies_dir=args.studies_dir, address=args.address,
-                                   cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-                                   max_concurrent=args.max_concurrent, max_retries=args.max_retries,
-                                   progress=not args.no_progress)
-        else:
-            if args.address:
-                raise StudyError(f"--address={args.address!r} is only for --backend ray")
-            handle = run_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
-                               workers=args.workers, studies_dir=args.studies_dir, progress=not args.no_progress)
-    except (StudyError, SpaceError) as exc:
-        print(f"error: {exc}")
-        return 2
+        handle = run_ray_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
+                               studies_dir=args.studies_dir, address=args.address,
+                               cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+                               max_concurrent=args.max_concurrent, max_retries=args.max_retries,
+                               progress=not args.no_progress)
+    else:
+        if args.address:
+            raise StudyError(f"--address={args.address!r} is only for --backend ray")
+        handle = run_study(args.space, name=args.name, trials=args.trials, storage=args.storage,
+                           workers=args.workers, studies_dir=args.studies_dir, progress=not args.no_progress)
     frame, front, hv = pareto_table(handle)
     print(f"\nPareto front of {handle.space.name} (hypervolume {hv:.4g}; latency "
           f"{'measured' if handle.space.target.measured else 'PREDICTED'}):")

@@ -23,7 +23,6 @@ from sqa_search.export import (
     load_layer,
     parse_pick,
     parse_spec,
-    run,
     select_trial,
 )
 from sqa_search.spec import VARIANTS, AttentionSpec
@@ -514,9 +513,9 @@ def test_export_trial_writes_provenance(tmp_path):
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from sqa_search.cli import main
+
+    return main(["export", *argv])
 
 
 def test_cli(tmp_path, capsys):
@@ -536,8 +535,8 @@ def test_cli(tmp_path, capsys):
         (["--spec", "bogus"], "not known"),
     ):
         assert _cli(argv + ["--out", str(tmp_path / "x")]) == 2, argv
-        out = capsys.readouterr().out
-        assert out.startswith("error:") and match in out and out.count("\n") == 1, (argv, out)
+        err = capsys.readouterr().err  # through the CLI's one handler: one line on stderr
+        assert err.startswith("sqa-search export: error:") and match in err and err.count("\n") == 1, (argv, err)
 
 
 def test_help_prints(capsys):

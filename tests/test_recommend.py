@@ -2,7 +2,6 @@
 decode ranked by KV cache, a study's measurements when they describe the target and the cost
 model when they do not, and clear errors for bad input."""
 
-import argparse
 import json
 
 import pytest
@@ -14,20 +13,18 @@ from sqa_search.recommend import (
     PAPER_QUALITY,
     RecommendError,
     _same_hardware,
-    add_arguments,
     parse_bytes,
     parse_tolerance,
     recommend,
-    run,
 )
 from sqa_search.spec import AttentionSpec
 from study_helpers import fake_study
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from sqa_search.cli import main
+
+    return main(["recommend", *argv])
 
 
 # ----- no study: predicted speed, prior loss -------------------------------------------------------
@@ -140,8 +137,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(capsys, argv, match):
     assert _cli(argv) == 2
-    out = capsys.readouterr().out
-    assert out.startswith("error: ") and match in out and out.count("\n") == 1
+    err = capsys.readouterr().err  # through the CLI's one handler: one line on stderr
+    assert err.startswith("sqa-search recommend: error: ") and match in err and err.count("\n") == 1
 
 
 def test_parsers():
