@@ -214,8 +214,9 @@ def render_module(spec: AttentionSpec, *, provenance: str = "", module_name: str
         '    layer = load("weights.pt")            # or SparseQueryAttention() for fresh weights',
         f"    y = layer(torch.randn(2, 1024, {spec.d_model}))",
     ]
-    if provenance:
-        lines += ["", *provenance.strip().splitlines()]
+    if provenance:  # user text (a study's name, a path) inside a docstring: no escapes, no end quotes
+        safe = provenance.strip().replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+        lines += ["", *safe.splitlines()]
     lines.append('"""')
     header = "\n".join(lines) + "\n"
     constants = "\n".join([

@@ -6,8 +6,10 @@ before anything is written: a storage URL with an unknown scheme, a missing driv
 unreachable server; a study folder that is missing, empty, or whose ``study.json``,
 ``space.yaml`` or ``study.db`` is missing or damaged; a storage that does not hold the study.
 
-Reading (`show`, `recommend`, `export`) never writes into the folder: an SQLite storage is
-opened read-only (``mode=ro``), and Optuna is told not to create tables in any storage.
+Reading a study's trials (`show`, `recommend`, `export`) never writes into its storage: an
+SQLite storage is opened read-only (``mode=ro``), and Optuna is told not to create tables in any
+storage. (`show` then writes its report files, results.csv, plots and report.md, into the
+folder, or into ``--out``; on a damaged study it refuses before writing anything.)
 """
 
 from __future__ import annotations
@@ -117,7 +119,8 @@ def open_storage(url: str, *, read_only: bool = False, existing: bool = False, r
             check_sqlite_file(path, where)
         if read_only:  # mode=ro: SQLite itself refuses any write, journals included
             url = f"sqlite:///file:{quote(str(path.resolve()))}?mode=ro&uri=true"
-    elif parsed.get_backend_name() == "postgresql":  # an unroutable host fails in seconds, not minutes
+    elif parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2"):
+        # an unroutable host fails in seconds, not minutes (libpq's option; other drivers differ)
         kwargs["engine_kwargs"] = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
     if read_only:
         kwargs["skip_table_creation"] = True

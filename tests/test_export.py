@@ -545,3 +545,15 @@ def test_help_prints(capsys):
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["--help"])
     assert exit_info.value.code == 0 and "fastest-within X%" in capsys.readouterr().out
+
+
+def test_provenance_with_quotes_and_backslashes_stays_text():
+    """A study's name or path lands in the module's docstring: quotes and backslashes must not
+    end it or become escapes (a SyntaxError in the user's file)."""
+    import ast
+
+    from sqa_search.export import render_module
+
+    provenance = 'study a"""b, path C:\\x\\U1, end"""'
+    source = render_module(AttentionSpec.variant("sqa", D, H), provenance=provenance)
+    assert provenance in ast.get_docstring(ast.parse(source))
