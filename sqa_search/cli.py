@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = DEBUG_FLAG in argv
     argv = [a for a in argv if a != DEBUG_FLAG]
     if not argv or argv[0] not in SUBCOMMANDS:
-        args = build_parser().parse_args(argv)  # --help, --version, or an unknown command (exit 2)
-        build_parser().print_help()
-        return 0 if args.command is None else EXIT_USER_ERROR
+        parser = build_parser()
+        parser.parse_args(argv)  # --help and --version exit here, and so does an unknown command (exit 2)
+        parser.print_help()
+        return 0
 
     command = argv[0]
     module_name, help_text = SUBCOMMANDS[command]

@@ -86,20 +86,14 @@ class ExportResult:
 # torch and each other), their imports of each other and repeated `from __future__` lines dropped,
 # then the configuration and `load()` are appended. tests/test_export.py runs the result in a fresh
 # interpreter that cannot import sqa_search and compares it with the library layer.
-LAYER_MODULES = ("spec", "masks", "attention")  # inlined in this order; masks.py is optional
-_OPTIONAL_MODULES = ("masks",)
+LAYER_MODULES = ("spec", "masks", "attention")  # inlined in this order
 
 
-def _module_source(name: str) -> str | None:
-    """The source of sqa_search/<name>.py as installed (None for an optional module that is absent)."""
+def _module_source(name: str) -> str:
+    """The source of sqa_search/<name>.py as installed."""
     from importlib import resources
 
-    try:
-        return resources.files(__package__).joinpath(f"{name}.py").read_text(encoding="utf-8")
-    except FileNotFoundError:
-        if name in _OPTIONAL_MODULES:
-            return None
-        raise
+    return resources.files(__package__).joinpath(f"{name}.py").read_text(encoding="utf-8")
 
 
 def _inline(name: str, text: str) -> str:
@@ -141,9 +135,7 @@ def library_layer_source() -> str:
     """spec.py, masks.py and attention.py inlined into one source text (see above)."""
     parts = []
     for name in LAYER_MODULES:
-        text = _module_source(name)
-        if text is not None:
-            parts.append(f"# {'=' * 30} inlined from sqa_search/{name}.py {'=' * 30}\n" + _inline(name, text))
+        parts.append(f"# {'=' * 30} inlined from sqa_search/{name}.py {'=' * 30}\n" + _inline(name, _module_source(name)))
     return "\n\n".join(parts)
 
 
@@ -681,13 +673,7 @@ def export_trial(study, out, *, trial: int | None = None, pick: str | None = Non
     if not path.exists():
         raise ExportError(f"--study {str(path)!r} does not exist (a study folder, e.g. studies/quickstart)")
     try:
-        import warnings
-
-        from optuna.exceptions import ExperimentalWarning
-
-        with warnings.catch_warnings():  # optuna's "heartbeat is experimental" says nothing to the user
-            warnings.simplefilter("ignore", category=ExperimentalWarning)
-            handle = open_study(path)
+        handle = open_study(path)
     except StudyError as exc:
         raise ExportError(f"--study {str(path)!r}: {exc}") from None
     t, reason = select_trial(handle, trial=trial, pick=pick)

@@ -30,7 +30,6 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,14 +254,6 @@ class Recommendation:
         return _render(headers, rows)
 
 
-def _optuna_warning():
-    try:
-        from optuna.exceptions import ExperimentalWarning
-    except ImportError:  # pragma: no cover
-        return UserWarning
-    return ExperimentalWarning
-
-
 # ----- hardware ------------------------------------------------------------------------------------
 @dataclass
 class _Target:
@@ -458,9 +449,7 @@ def recommend(
         if not path.exists():
             raise RecommendError(f"--study {str(path)!r} does not exist (a study folder, e.g. studies/quickstart)")
         try:
-            with warnings.catch_warnings():  # optuna's "heartbeat is experimental" says nothing to the user
-                warnings.simplefilter("ignore", category=_optuna_warning())
-                handle = open_study(path)
+            handle = open_study(path)
         except (StudyError, SpaceError) as exc:
             raise RecommendError(f"--study {str(path)!r}: {exc}") from None
         space, st = handle.space, handle.space.target
