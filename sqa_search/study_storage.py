@@ -257,7 +257,19 @@ def _parse_meta(meta_path: Path) -> dict:
         if not isinstance(value, str) or not value:
             raise StudyError(f"{damaged}: {key}={value!r} is not allowed: a non-empty string is required")
     check_storage_url(meta["storage"], field=f"{meta_path}: storage")
+    meta["storage"] = _follow_moved_folder(meta["storage"], meta_path.parent)
     return meta
+
+
+def _follow_moved_folder(url: str, study_dir: Path) -> str:
+    """study.json records the storage's absolute path; a study folder that was moved or copied keeps
+    its own study.db (or journal.log), and that file is the one meant."""
+    for prefix, local in (("sqlite:///", "study.db"), ("journal:", "journal.log")):
+        if url.startswith(prefix):
+            recorded = Path(url[len(prefix):])
+            if not recorded.exists() and recorded.name == local and (study_dir / local).is_file():
+                return prefix + str((study_dir / local).resolve())
+    return url
 
 
 def stored_space(study_dir: Path, meta: dict) -> SearchSpace:
