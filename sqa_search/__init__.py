@@ -1,6 +1,6 @@
 """sqa-search: search and auto-tune Sparse Query Attention head configurations.
 
-The public names are loaded on first use, so `import sqa_search.pareto` or `sqa-search --help`
+The public names are loaded on first use, so `import sqa_search.search.pareto` or `sqa-search --help`
 does not pay for importing torch.
 """
 
@@ -9,13 +9,13 @@ import importlib
 __version__ = "0.1.0"
 
 _PUBLIC = {
-    "AttentionSpec": "spec",
-    "SpecError": "spec",
-    "VARIANTS": "spec",
-    "SparseQueryAttention": "attention",
-    "ModelConfig": "model",
-    "ProxyLM": "model",
-    "load_layer": "export",
+    "AttentionSpec": "layer.spec",
+    "SpecError": "layer.spec",
+    "VARIANTS": "layer.spec",
+    "SparseQueryAttention": "layer.attention",
+    "ModelConfig": "layer.model",
+    "ProxyLM": "layer.model",
+    "load_layer": "decide.export",
 }
 __all__ = list(_PUBLIC)
 

@@ -15,12 +15,12 @@ import sys
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 SUBCOMMANDS = {
-    "run": ("sqa_search.study", "run (or resume, or extend) a search study from a search-space YAML"),
-    "show": ("sqa_search.report", "show a study's trials, Pareto set and hypervolume; write CSV, plots, report"),
-    "recommend": ("sqa_search.recommend", "recommend a head configuration for a target hardware, sequence length and workload"),
-    "export": ("sqa_search.export", "export a configuration as a standalone PyTorch module, a config and a README"),
-    "bench": ("sqa_search.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
-    "doctor": ("sqa_search.doctor", "check every attention path, kernel and the timing on this device before a long study"),
+    "run": ("sqa_search.search.engine", "run (or resume, or extend) a search study from a search-space YAML"),
+    "show": ("sqa_search.search.report", "show a study's trials, Pareto set and hypervolume; write CSV, plots, report"),
+    "recommend": ("sqa_search.decide.recommend", "recommend a head configuration for a target hardware, sequence length and workload"),
+    "export": ("sqa_search.decide.export", "export a configuration as a standalone PyTorch module, a config and a README"),
+    "bench": ("sqa_search.speed.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
+    "doctor": ("sqa_search.speed.doctor", "check every attention path, kernel and the timing on this device before a long study"),
 }
 
 DEBUG_FLAG = "--debug"
@@ -58,7 +58,7 @@ def _version() -> str:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .errors import UserError
-    from .spec import SpecError  # a plain ValueError: spec.py is inlined into exported modules
+    from .layer.spec import SpecError  # a plain ValueError: spec.py is inlined into exported modules
 
     # OSError: a path the user named cannot be read or written (missing, a folder, no permission).
     return (UserError, SpecError, OSError)

@@ -7,7 +7,7 @@ import json
 import optuna
 import yaml
 
-from sqa_search.space import space_from_dict
+from sqa_search.search.space import space_from_dict
 
 
 def merged(base: dict, **changes) -> dict:

@@ -8,10 +8,10 @@ on another. Outputs and gradients for inputs and every weight are compared.
 import pytest
 import torch
 
-from sqa_search import attention
-from sqa_search.attention import FlexFallbackError, SparseQueryAttention
-from sqa_search.reference import reference
-from sqa_search.spec import AttentionSpec, SpecError
+from sqa_search.layer import attention
+from sqa_search.layer.attention import FlexFallbackError, SparseQueryAttention
+from sqa_search.layer.reference import reference
+from sqa_search.layer.spec import AttentionSpec, SpecError
 
 NAMED = ["mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa", "rsqa", "swsqa", "flexsqa"]
 

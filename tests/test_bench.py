@@ -8,10 +8,10 @@ import json
 
 import pytest
 
-from sqa_search import bench
+from sqa_search.speed import bench
 from sqa_search._figures import text_outside
-from sqa_search.spec import AttentionSpec
-from sqa_search.timing import TimingResult
+from sqa_search.layer.spec import AttentionSpec
+from sqa_search.speed.timing import TimingResult
 
 TINY = ["--d-model", "64", "--heads", "8", "--threads", "1", "--budget-s", "0.02", "--max-repeats", "4",
         "--no-progress"]
@@ -175,7 +175,7 @@ def test_parse_seq_lens():
 
 
 def test_variants_take_global_tokens_as_a_fourth_field():
-    from sqa_search.bench import parse_variants
+    from sqa_search.speed.bench import parse_variants
 
     (spec,) = parse_variants("8/4/128/16", d_model=256, n_heads=16, window=64, causal=True)
     assert (spec.n_q_heads, spec.n_kv_heads, spec.window, spec.n_global) == (8, 4, 128, 16)

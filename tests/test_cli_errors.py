@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from sqa_search.cli import main as cli_main
-from sqa_search.spec import AttentionSpec
+from sqa_search.layer.spec import AttentionSpec
 
 from study_helpers import fake_study
 
@@ -264,7 +264,7 @@ def test_damaged_study(command, damage, tmp_path, monkeypatch, capsys):
 
 # ----- damaged export folders -------------------------------------------------------------------
 def _exported(tmp_path) -> Path:
-    from sqa_search.export import export_layer
+    from sqa_search.decide.export import export_layer
 
     out = tmp_path / "exported"
     export_layer(AttentionSpec.variant("sqa", d_model=64, n_heads=8), out, with_weights=True, seed=0)
@@ -291,7 +291,7 @@ def test_damaged_export(case, tmp_path):
     import re
 
     from sqa_search.errors import UserError
-    from sqa_search.export import load_layer
+    from sqa_search.decide.export import load_layer
 
     out = _exported(tmp_path)
     damage, pattern = EXPORT_DAMAGES[case]
@@ -304,10 +304,10 @@ def test_damaged_export(case, tmp_path):
 # ----- the Python API ---------------------------------------------------------------------------
 def _api_cases():
     from sqa_search import AttentionSpec as Spec, SparseQueryAttention
-    from sqa_search.model import build_model
-    from sqa_search.data import get_tokenizer, load_tokens
-    from sqa_search.space import load_space
-    from sqa_search.train import TrainConfig
+    from sqa_search.layer.model import build_model
+    from sqa_search.quality.data import get_tokenizer, load_tokens
+    from sqa_search.search.space import load_space
+    from sqa_search.quality.train import TrainConfig
 
     return {
         "AttentionSpec d_model 0": (lambda: Spec(d_model=0, n_heads=8, n_q_heads=8, n_kv_heads=8), r"d_model=0"),
@@ -333,7 +333,7 @@ def test_bad_python_api(case):
     import re
 
     from sqa_search.errors import UserError
-    from sqa_search.spec import SpecError
+    from sqa_search.layer.spec import SpecError
 
     call, pattern = _api_cases()[case]
     with pytest.raises((UserError, SpecError)) as info:

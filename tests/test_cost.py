@@ -1,4 +1,4 @@
-"""Tests for sqa_search.cost: counts, profiles, roofline predictions, calibration on real timings."""
+"""Tests for sqa_search.speed.cost: counts, profiles, roofline predictions, calibration on real timings."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from sqa_search import AttentionSpec, SparseQueryAttention
-from sqa_search import cost
-from sqa_search.cost import (
+from sqa_search.speed import cost
+from sqa_search.speed.cost import (
     CostError,
     HardwareProfile,
     calibrate,
@@ -178,7 +178,7 @@ def _counted_flops(layer, x, cache=None, grad=False):
     (AttentionSpec(d_model=64, n_heads=4, n_q_heads=1, n_kv_heads=2, window=33), 400, 1),  # rSQA, odd window
 ])
 def test_blocked_path_flops_are_the_layers(spec, n, batch):
-    from sqa_search.masks import BlockedLayout, Visibility
+    from sqa_search.layer.masks import BlockedLayout, Visibility
 
     layer = SparseQueryAttention(spec)
     x = torch.randn(batch, n, spec.d_model)
@@ -274,7 +274,7 @@ def test_launches_are_the_ops_the_layer_runs(spec):
 
 
 def test_flex_tiles_are_the_block_masks():
-    from sqa_search.masks import FLEX_BLOCK, Visibility, flex_kv_blocks
+    from sqa_search.layer.masks import FLEX_BLOCK, Visibility, flex_kv_blocks
 
     for spec, n in [(AttentionSpec.variant("swsqa", 128, 8), 1000), (AttentionSpec.variant("flexsqa", 128, 8), 1024),
                     (AttentionSpec(d_model=64, n_heads=4, n_q_heads=4, n_kv_heads=4, window=300, n_global=130,
@@ -289,7 +289,7 @@ def test_flex_tiles_are_the_block_masks():
 def test_auto_path_is_the_layers_choice():
     import types
 
-    from sqa_search import attention
+    from sqa_search.layer import attention
 
     assert cost.FLEX_MIN_HEAD_DIM == attention.FLEX_MIN_HEAD_DIM
     specs = [AttentionSpec.variant(v, d, h, **kw) for v, kw in (("sqa", {}), ("swsqa", {}), ("flexsqa", {}),
@@ -316,7 +316,7 @@ def test_block_and_model_scope():
     assert total(model, "flops", ("matmul", "attention")) == pytest.approx(
         8 * total(block, "flops", ("matmul", "attention")) + names["lm_head"].flops)
     # default d_ff is the proxy model's
-    from sqa_search.model import ModelConfig
+    from sqa_search.layer.model import ModelConfig
 
     assert cost.default_d_ff(256) == ModelConfig(attention=spec).d_ff
 
@@ -505,7 +505,7 @@ def test_calibrate_recovers_known_factors():
 
 def test_calibrate_accepts_timing_result_objects():
     @dataclasses.dataclass
-    class FakeTimingResult:  # the fields sqa_search.timing.TimingResult carries
+    class FakeTimingResult:  # the fields sqa_search.speed.timing.TimingResult carries
         spec: dict
         mode: str
         what: str

@@ -19,8 +19,8 @@ import numpy as np
 import optuna
 import pytest
 
-from sqa_search.pareto import non_dominated_mask
-from sqa_search.spec import AttentionSpec
+from sqa_search.search.pareto import non_dominated_mask
+from sqa_search.layer.spec import AttentionSpec
 from study_helpers import fake_study
 
 D, H = 64, 8

@@ -1,4 +1,4 @@
-"""Tests for sqa_search.data: real text, real files, no network, no mocks of our own code."""
+"""Tests for sqa_search.quality.data: real text, real files, no network, no mocks of our own code."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from sqa_search import data
-from sqa_search.data import (
+from sqa_search.quality import data
+from sqa_search.quality.data import (
     IGNORE_INDEX,
     DataError,
     MQARConfig,

@@ -9,10 +9,10 @@ import types
 import pytest
 import torch
 
-from sqa_search import doctor
+from sqa_search.speed import doctor
 from sqa_search.cli import main
-from sqa_search.doctor import DoctorError, run_doctor
-from sqa_search.reference import reference
+from sqa_search.speed.doctor import DoctorError, run_doctor
+from sqa_search.layer.reference import reference
 
 
 def _path_rows(rows):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sqa_search.attention import SparseQueryAttention
-from sqa_search.export import (
+from sqa_search.layer.attention import SparseQueryAttention
+from sqa_search.decide.export import (
     ExportError,
     add_arguments,
     export_layer,
@@ -25,7 +25,7 @@ from sqa_search.export import (
     parse_spec,
     select_trial,
 )
-from sqa_search.spec import VARIANTS, AttentionSpec
+from sqa_search.layer.spec import VARIANTS, AttentionSpec
 from study_helpers import fake_study
 
 D, H = 64, 8
@@ -223,15 +223,15 @@ def test_round_trip_covers_every_path(round_trip):
 def test_exported_module_is_the_library_source_inlined():
     import inspect
 
-    from sqa_search import attention, spec as spec_module
-    from sqa_search.export import LAYER_MODULES, _module_source, render_module
+    from sqa_search.layer import attention, spec as spec_module
+    from sqa_search.decide.export import LAYER_MODULES, _module_source, render_module
 
     text = render_module(AttentionSpec.variant("swsqa", D, H, window=8))
     # the library's layer and spec classes appear verbatim, in the order spec, masks, attention
     assert inspect.getsource(attention.SparseQueryAttention) in text
     assert inspect.getsource(spec_module.AttentionSpec) in text
     present = [m for m in LAYER_MODULES if _module_source(m) is not None]
-    banners = [text.index(f"inlined from sqa_search/{m}.py") for m in present]
+    banners = [text.index(f"inlined from sqa_search/layer/{m}.py") for m in present]
     assert present[0] == "spec" and present[-1] == "attention" and banners == sorted(banners)
     # no import of the package is left, and only one `from __future__` line
     imports = [n for n in ast.walk(ast.parse(text)) if isinstance(n, (ast.Import, ast.ImportFrom))]
@@ -243,7 +243,7 @@ def test_exported_module_is_the_library_source_inlined():
 
 
 def test_inlining_rewrites_relative_imports_and_refuses_the_package():
-    from sqa_search.export import _inline
+    from sqa_search.decide.export import _inline
 
     src = textwrap.dedent("""\
         from __future__ import annotations
@@ -259,7 +259,7 @@ def test_inlining_rewrites_relative_imports_and_refuses_the_package():
     assert "_causal = causal" in out and "    pass" in out and out.rstrip().endswith("x = 1")
     compile(out, "inlined", "exec")
     with pytest.raises(ExportError, match="attention.py line 1 imports sqa_search itself"):
-        _inline("attention", "from sqa_search.spec import AttentionSpec\n")
+        _inline("attention", "from sqa_search.layer.spec import AttentionSpec\n")
 
 
 # ----- torch.export ----------------------------------------------------------------------------
@@ -316,7 +316,7 @@ def test_config_loads_back_into_library_layer_with_weights(tmp_path):
 
 
 def test_weights_from_a_model_checkpoint_with_prefix(tmp_path):
-    from sqa_search.model import ModelConfig, ProxyLM
+    from sqa_search.layer.model import ModelConfig, ProxyLM
 
     spec = AttentionSpec.variant("sqa", D, H)
     model = ProxyLM(ModelConfig(spec, n_layers=2))
@@ -467,7 +467,7 @@ ROWS = [(AttentionSpec.variant("mha", D, H), 2.000, 0.010),
 
 
 def test_pick_rules_on_a_study(tmp_path):
-    from sqa_search.study import open_study
+    from sqa_search.search.engine import open_study
 
     handle = open_study(_fake_study(tmp_path, ROWS))
     t, why = select_trial(handle, pick="fastest-within 1%")
@@ -491,7 +491,7 @@ def test_pick_rules_on_a_study(tmp_path):
 
 
 def test_fastest_within_uses_best_trial_without_mha(tmp_path):
-    from sqa_search.study import open_study
+    from sqa_search.search.engine import open_study
 
     handle = open_study(_fake_study(tmp_path, ROWS[1:], name="nomha"))
     t, why = select_trial(handle, pick="fastest-within 0.3%")
@@ -552,7 +552,7 @@ def test_provenance_with_quotes_and_backslashes_stays_text():
     end it or become escapes (a SyntaxError in the user's file)."""
     import ast
 
-    from sqa_search.export import render_module
+    from sqa_search.decide.export import render_module
 
     provenance = 'study a"""b, path C:\\x\\U1, end"""'
     source = render_module(AttentionSpec.variant("sqa", D, H), provenance=provenance)

@@ -4,7 +4,7 @@ FlexAttention gets against a dense classification of every block."""
 import pytest
 import torch
 
-from sqa_search.masks import BlockedLayout, Visibility, flex_kv_blocks, visibility_mask, visible_pairs
+from sqa_search.layer.masks import BlockedLayout, Visibility, flex_kv_blocks, visibility_mask, visible_pairs
 
 RULES = [Visibility(c, w) for c in (True, False) for w in (None, 1, 3, 8, 13)]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sqa_search.model import MODEL_PRESETS, ModelConfig, ProxyLM, build_model
-from sqa_search.spec import AttentionSpec, SpecError
+from sqa_search.layer.model import MODEL_PRESETS, ModelConfig, ProxyLM, build_model
+from sqa_search.layer.spec import AttentionSpec, SpecError
 
 
 @pytest.mark.parametrize("name", ["mha", "sqa", "lsqa", "flexsqa"])

@@ -1,4 +1,4 @@
-"""Tests for sqa_search.pareto: hand-computed cases first, then property checks."""
+"""Tests for sqa_search.search.pareto: hand-computed cases first, then property checks."""
 
 import itertools
 import time
@@ -6,7 +6,7 @@ import time
 import numpy as np
 import pytest
 
-from sqa_search.pareto import (
+from sqa_search.search.pareto import (
     dominates,
     hypervolume,
     hypervolume_history,

@@ -16,8 +16,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sqa_search.space import load_space
-from sqa_search.study import (
+from sqa_search.search.space import load_space
+from sqa_search.search.engine import (
     RetryFirstStudy,
     StudyError,
     _prepare_study,

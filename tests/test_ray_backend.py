@@ -17,10 +17,10 @@ import pytest
 import ray
 from optuna.trial import TrialState
 
-from sqa_search.ray_backend import RAY_ATTR, ray_result, run_ray_study, trial_resources
-from sqa_search.report import pareto_table
-from sqa_search.space import space_from_dict
-from sqa_search.study import StudyError, finished_count, open_study, run_study
+from sqa_search.search.ray_backend import RAY_ATTR, ray_result, run_ray_study, trial_resources
+from sqa_search.search.report import pareto_table
+from sqa_search.search.space import space_from_dict
+from sqa_search.search.engine import StudyError, finished_count, open_study, run_study
 from study_helpers import merged, space_file
 
 TINY = {
@@ -250,7 +250,7 @@ def test_ray_extends_an_optuna_study_in_the_same_form_and_records_a_dead_worker(
     for name in ("results.csv", "results.parquet", "pareto.png", "report.md"):
         assert (handle.directory / name).is_file(), name
     assert "ray trial failed" in (handle.directory / "report.md").read_text()
-    from sqa_search.report import run as show
+    from sqa_search.search.report import run as show
 
     assert show(argparse.Namespace(study=str(handle.directory), out=str(tmp_path / "shown"), all=True)) == 0
     assert optuna.load_study(study_name="tiny", storage=handle.storage_url).trials
@@ -293,7 +293,7 @@ def _stored_count(db: Path) -> int:
 def test_killed_ray_study_resumes_without_losing_or_recomputing_finished_trials(tmp_path):
     path = _space_file(tmp_path, name="killme", study={"trials": 5})
     studies = tmp_path / "studies"
-    code = (f"from sqa_search.ray_backend import run_ray_study; run_ray_study({str(path)!r}, "
+    code = (f"from sqa_search.search.ray_backend import run_ray_study; run_ray_study({str(path)!r}, "
             f"studies_dir={str(studies)!r}, num_cpus=2, max_concurrent=2, progress=False, report=False)")
     # Tune snapshots its experiment state at the start and then only every 600 s: the kill lands
     # long after the last snapshot, the hardest case for losing or recomputing nothing
@@ -343,7 +343,7 @@ def test_killed_ray_study_resumes_without_losing_or_recomputing_finished_trials(
 
 
 def test_a_failure_is_summarised_in_one_line():
-    from sqa_search.ray_backend import _error_summary
+    from sqa_search.search.ray_backend import _error_summary
 
     died = ("Failure # 1 (occurred at 2026-01-01_00-00-00)\nThe actor died unexpectedly before finishing this task.\n"
             "\tclass_name: ImplicitFunc\nThe actor is dead because its worker process has died. Worker exit type: "

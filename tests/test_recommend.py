@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from sqa_search.cost import load_profile
-from sqa_search.recommend import (
+from sqa_search.speed.cost import load_profile
+from sqa_search.decide.recommend import (
     PAPER_CITATION,
     PAPER_QUALITY,
     RecommendError,
@@ -17,7 +17,7 @@ from sqa_search.recommend import (
     parse_tolerance,
     recommend,
 )
-from sqa_search.spec import AttentionSpec
+from sqa_search.layer.spec import AttentionSpec
 from study_helpers import fake_study
 
 
@@ -94,7 +94,7 @@ def test_cli_without_study_prints_predicted_and_prior(capsys):
 
 
 def test_export_the_recommendation(tmp_path, capsys):
-    from sqa_search.export import load_layer
+    from sqa_search.decide.export import load_layer
 
     assert _cli(["--hardware", "h100", "--seq-len", "32k", "--mode", "train", "--tolerance", "3%",
                  "--export", str(tmp_path / "e")]) == 0
@@ -170,7 +170,7 @@ ROWS = [(AttentionSpec.variant("mha", 64, 8), 2.000, 0.010),
 
 
 def _here():
-    from sqa_search.timing import fingerprint
+    from sqa_search.speed.timing import fingerprint
 
     return fingerprint("cpu")
 
@@ -219,7 +219,7 @@ def test_study_without_mha_takes_tolerance_against_the_best(tmp_path):
 def test_real_study_measured_here(tmp_path, capsys):
     """A real (tiny) study run on this CPU: recommend for `local` uses its measurements, for h100 the
     cost model, and both say so."""
-    from sqa_search.study import run_study
+    from sqa_search.search.engine import run_study
 
     space = {
         "name": "tinyrec",

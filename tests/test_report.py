@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from sqa_search._figures import text_outside
-from sqa_search.report import FRONT_COLOUR, front_figure, hypervolume_figure, pareto_table, write_report
-from sqa_search.spec import AttentionSpec
-from sqa_search.study import open_study
+from sqa_search.search.report import FRONT_COLOUR, front_figure, hypervolume_figure, pareto_table, write_report
+from sqa_search.layer.spec import AttentionSpec
+from sqa_search.search.engine import open_study
 from study_helpers import fake_study
 
 D, H = 64, 8

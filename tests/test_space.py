@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sqa_search.space import SpaceError, load_space, space_from_dict
+from sqa_search.search.space import SpaceError, load_space, space_from_dict
 
 PRESETS = sorted(Path(__file__).resolve().parents[1].joinpath("search_spaces").glob("*.yaml"))
 

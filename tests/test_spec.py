@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from sqa_search.attention import SparseQueryAttention
-from sqa_search.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
+from sqa_search.layer.attention import SparseQueryAttention
+from sqa_search.layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
 
 
 # ----- named variants and their names ---------------------------------------------------------

@@ -8,10 +8,10 @@ import statistics
 import pytest
 import torch
 
-from sqa_search import speed_probe
-from sqa_search.spec import AttentionSpec
-from sqa_search.speed_probe import SpeedProbe, corrected_times, machine_reference, stored_reference
-from sqa_search.timing import _build_job, _measure
+from sqa_search.speed import probe as speed_probe
+from sqa_search.layer.spec import AttentionSpec
+from sqa_search.speed.probe import SpeedProbe, corrected_times, machine_reference, stored_reference
+from sqa_search.speed.timing import _build_job, _measure
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def test_probe_times_a_real_kernel(probe):
 
 
 def test_decode_gets_the_dispatch_probe_with_its_own_reference(tmp_path, monkeypatch):
-    from sqa_search.speed_probe import probe_kind
+    from sqa_search.speed.probe import probe_kind
 
     monkeypatch.setattr(speed_probe, "_MEMO", {})
     assert probe_kind("decode") == "dispatch" and probe_kind("prefill") == probe_kind("train") == "compute"
@@ -105,7 +105,7 @@ class ScriptedProbe:
 
 
 def test_each_repeat_gets_the_mean_speed_of_the_probes_around_it(monkeypatch):
-    import sqa_search.timing as timing
+    import sqa_search.speed.timing as timing
 
     monkeypatch.setattr(timing, "PROBE_INTERVAL_S", 0.0)  # probe after every repeat
     spec = AttentionSpec.variant("sqa", 64, 8)
@@ -124,7 +124,7 @@ def test_each_repeat_gets_the_mean_speed_of_the_probes_around_it(monkeypatch):
 
 
 def test_repeats_between_two_probes_share_their_speed(monkeypatch):
-    import sqa_search.timing as timing
+    import sqa_search.speed.timing as timing
 
     monkeypatch.setattr(timing, "PROBE_INTERVAL_S", 60.0)  # no probe between repeats
     spec = AttentionSpec.variant("sqa", 64, 8)

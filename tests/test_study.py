@@ -12,8 +12,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from sqa_search.report import pareto_table, write_report
-from sqa_search.study import StudyError, _pid_alive, finished_count, is_interrupted, open_study, run_study
+from sqa_search.search.report import pareto_table, write_report
+from sqa_search.search.engine import StudyError, _pid_alive, finished_count, is_interrupted, open_study, run_study
 from study_helpers import space_file
 
 TINY = {
@@ -243,7 +243,7 @@ def test_ctrl_c_mid_trial_costs_no_configuration(tmp_path):
 def test_a_trial_that_crashes_is_a_failure_with_its_reason_not_an_interruption(tmp_path, monkeypatch):
     """A bug inside a trial stops the run with its traceback, but the FAIL it leaves carries the
     error as its reason: a resume must not take it for an interruption and re-run it first forever."""
-    from sqa_search import study as study_module
+    from sqa_search.search import engine as study_module
 
     def crash(self, trial):
         raise RuntimeError("boom in the objective")

@@ -15,12 +15,12 @@ from pathlib import Path
 import optuna
 import pytest
 
-from sqa_search.export import ExportError, export_trial
-from sqa_search.recommend import RecommendError, recommend
-from sqa_search.report import run as show
-from sqa_search.space import load_space
-from sqa_search.spec import AttentionSpec
-from sqa_search.study import StudyError, _prepare_study, open_study, run_study
+from sqa_search.decide.export import ExportError, export_trial
+from sqa_search.decide.recommend import RecommendError, recommend
+from sqa_search.search.report import run as show
+from sqa_search.search.space import load_space
+from sqa_search.layer.spec import AttentionSpec
+from sqa_search.search.engine import StudyError, _prepare_study, open_study, run_study
 from study_helpers import space_file
 
 SPACE = {

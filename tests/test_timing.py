@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-from sqa_search.spec import AttentionSpec
-from sqa_search.timing import (
+from sqa_search.layer.spec import AttentionSpec
+from sqa_search.speed.timing import (
     CPU_MEM_KIND,
     CUDA_MEM_KIND,
     HARDWARE_FIELDS,
@@ -244,7 +244,7 @@ def test_windowed_spec_runs_the_blocked_path_and_a_math_fallback_is_flagged():
 def test_sdpa_kernel_choice_is_asked_outside_the_timed_repeats(monkeypatch):
     """The layer's backend detection (torch._fused_sdp_choice) runs in the warm-up only: the
     number of questions does not grow with the timed repeats, and the named kernel is right."""
-    from sqa_search.attention import SparseQueryAttention
+    from sqa_search.layer.attention import SparseQueryAttention
 
     asked = []
     real = torch._fused_sdp_choice
@@ -359,7 +359,7 @@ def test_passes_pool_each_points_repeats_and_cache_the_pooled_record(cache):
 
 
 def test_a_failed_pass_fails_the_point():
-    from sqa_search.timing import merge_passes
+    from sqa_search.speed.timing import merge_passes
 
     ok = time_spec(spec("sqa"), seq_len=64, use_cache=False, **FAST)
     failed = time_spec(spec("sqa", causal=False), seq_len=64, mode="decode", use_cache=False, **FAST)
@@ -369,7 +369,7 @@ def test_a_failed_pass_fails_the_point():
 
 
 def test_unstable_means_more_than_a_stray_outlier():
-    from sqa_search.timing import _unstable
+    from sqa_search.speed.timing import _unstable
 
     assert _unstable([1.0, 1.0, 10.0], 1.0)  # one in three
     assert not _unstable([1.0] * 99 + [10.0], 1.0)  # one interrupt in a hundred repeats

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-import sqa_search.train as train_mod
-from sqa_search.data import IGNORE_INDEX, DataError, MQARConfig, load_tokens, mqar_batch
-from sqa_search.spec import AttentionSpec
-from sqa_search.train import (
+import sqa_search.quality.train as train_mod
+from sqa_search.quality.data import IGNORE_INDEX, DataError, MQARConfig, load_tokens, mqar_batch
+from sqa_search.layer.spec import AttentionSpec
+from sqa_search.quality.train import (
     TrainConfig,
     TrainError,
     TrainResult,
@@ -398,7 +398,7 @@ def test_wall_clock_budget(tokens):
 
 
 def test_model_config_is_accepted(tokens):
-    from sqa_search.model import ModelConfig
+    from sqa_search.layer.model import ModelConfig
 
     other = AttentionSpec.variant("mha", 32, 4)
     mc = ModelConfig(attention=other, n_layers=1, vocab_size=7)

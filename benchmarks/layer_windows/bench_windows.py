@@ -4,7 +4,7 @@ Setting (issue 12): 1 torch thread, fp32, batch 1, d_model=256, H=16, 8 query / 
 (head_dim 16), window 128, 16 global tokens; causal and bidirectional; forward (no grad) and
 forward+backward; N = 4096 and 16384.
 
-* ``layer``: `sqa_search.attention.SparseQueryAttention` as it is in this checkout (auto backend).
+* ``layer``: `sqa_search.layer.attention.SparseQueryAttention` as it is in this checkout (auto backend).
 * ``seed``: the same class at git ref ``--seed-ref`` (default fac32df, the layer before issue 12),
   loaded from `git show` into a temporary package.
 * ``rxnn``: a minimal, faithful re-implementation of RxNN's ``FlexSparseQueryAttention.forward``
@@ -47,8 +47,8 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from sqa_search.attention import SparseQueryAttention  # noqa: E402
-from sqa_search.spec import AttentionSpec  # noqa: E402
+from sqa_search.layer.attention import SparseQueryAttention  # noqa: E402
+from sqa_search.layer.spec import AttentionSpec  # noqa: E402
 
 D_MODEL, HEADS, Q_HEADS, KV_HEADS, WINDOW, GLOBALS = 256, 16, 8, 8, 128, 16
 
@@ -165,8 +165,8 @@ _MEASURE = r"""
 import json, resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 n, dense = int(sys.argv[2]), sys.argv[3] == "dense"
-from sqa_search.masks import Visibility, visibility_mask
-from sqa_search import attention
+from sqa_search.layer.masks import Visibility, visibility_mask
+from sqa_search.layer import attention
 rule = Visibility(causal=False, window=128)
 torch.arange(10).sum()  # allocator and kernels warm before the baseline
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

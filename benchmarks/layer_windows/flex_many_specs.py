@@ -2,7 +2,7 @@
 
 Each case builds a layer with backend='flex', runs it (no grad, some under inference_mode),
 checks ``last_backend == 'flex-compiled'`` and compares with the float64 reference
-(`sqa_search.reference`). Dynamo's default recompile limit (8) stays as it is: the layer compiles
+(`sqa_search.layer.reference`). Dynamo's default recompile limit (8) stays as it is: the layer compiles
 one callable per signature on its own code object, so 20 signatures never pile onto one.
 Prints one line per case (compile+run seconds, max |diff|) and dynamo's recompile counters.
 
@@ -17,9 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sqa_search.attention import SparseQueryAttention  # noqa: E402
-from sqa_search.reference import reference  # noqa: E402
-from sqa_search.spec import AttentionSpec  # noqa: E402
+from sqa_search.layer.attention import SparseQueryAttention  # noqa: E402
+from sqa_search.layer.reference import reference  # noqa: E402
+from sqa_search.layer.spec import AttentionSpec  # noqa: E402
 
 CASES = [  # (H_q, H_kv, window, n_global, causal, N)
     (4, 4, 50, 0, True, 200), (4, 2, 50, 0, True, 200), (6, 4, 50, 3, True, 200), (2, 4, 90, 2, True, 260),

@@ -305,7 +305,7 @@ class AttentionSpec:
     def visible_pairs(self, seq_len: int) -> int:
         """Number of (query, key) pairs among the sequence's own tokens that attention scores.
 
-        Exact for the visibility rule of `sqa_search.masks` (the one the layer's masks use);
+        Exact for the visibility rule of `sqa_search.layer.masks` (the one the layer's masks use);
         global tokens are counted apart.
         """
         return visible_pairs(Visibility(self.causal, self.window), seq_len)

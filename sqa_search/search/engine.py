@@ -37,8 +37,8 @@ import optuna
 from optuna.trial import TrialState
 
 from .space import SearchSpace, candidate_key, load_space, train_config_from
-from .spec import AttentionSpec
-from .study_storage import (
+from ..layer.spec import AttentionSpec
+from .storage import (
     META_FILE,
     SPACE_FILE,
     StudyError,
@@ -399,7 +399,7 @@ class Objective:
         total, records = 0.0, []
         for n in t.seq_len:
             if t.measured:
-                from .timing import time_spec
+                from ..speed.timing import time_spec
 
                 result = time_spec(
                     spec, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
@@ -417,7 +417,7 @@ class Objective:
                 source = f"measured on {result.fingerprint.get('device_name', result.device)}"
                 trial.set_user_attr("fingerprint", result.fingerprint)
             else:
-                from .cost import load_profile, predict
+                from ..speed.cost import load_profile, predict
 
                 profile = load_profile(t.hardware)
                 pred = predict(spec, profile, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
@@ -431,7 +431,7 @@ class Objective:
         return total, source
 
     def _train(self, trial, spec: AttentionSpec) -> float:
-        from .train import train_spec
+        from ..quality.train import train_spec
 
         config = train_config_from(self.space.training, self.space.objectives.quality)
         constrained = self.space.study.mode == "constrained"

@@ -41,7 +41,7 @@ study:
   sampler: tpe                   # tpe | nsga2 | gp | random (measured: see README)
   seed: 0
   trials: 20
-training:                        # sqa_search.train.TrainConfig fields, e.g.
+training:                        # sqa_search.quality.train.TrainConfig fields, e.g.
   budget_tokens: 200000
   seq_len: 128
   batch_size: 16
@@ -60,8 +60,8 @@ from typing import Any
 
 import yaml
 
-from .spec import VARIANTS, AttentionSpec, SpecError, _variant_heads
-from .errors import UserError
+from ..layer.spec import VARIANTS, AttentionSpec, SpecError, _variant_heads
+from ..errors import UserError
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype"]
 
@@ -85,7 +85,7 @@ def default_dtype(device_type: str) -> str:
 def _target_device_type(hardware: str, device: str) -> str:
     """cuda or cpu: the device a target's timings run on (local) or its profile describes."""
     if hardware != "local":
-        from .cost import load_profile
+        from ..speed.cost import load_profile
 
         return load_profile(hardware).device_type
     if device == "auto":
@@ -379,7 +379,7 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
     t.check_unknown([f.name for f in dataclasses.fields(TargetSection)])
     hardware = t.data.get("hardware", "local")
     if hardware != "local":
-        from .cost import CostError, list_profiles, load_profile  # only needed for predicted targets
+        from ..speed.cost import CostError, list_profiles, load_profile  # only needed for predicted targets
 
         try:
             hardware = load_profile(hardware).name  # short names such as h100 resolve here
@@ -407,7 +407,7 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
         variants = list(VARIANTS)
     if not isinstance(variants, list):
         raise s.error("variants", variants, f"must be 'all' or a list of: {', '.join(VARIANTS)}")
-    from .spec import normalise_variant
+    from ..layer.spec import normalise_variant
 
     try:
         variants = tuple(normalise_variant(v) for v in variants)
@@ -458,8 +458,8 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
 def train_config_from(training: dict, quality: str = "val_loss", check_device: bool = True):
     """The `training` section -> a TrainConfig. The task defaults to what the quality objective
     needs. check_device=False validates a GPU space on a machine without one."""
-    from .data import MQARConfig
-    from .train import TrainConfig
+    from ..quality.data import MQARConfig
+    from ..quality.train import TrainConfig
 
     fields = dict(training)
     if isinstance(fields.get("mqar"), dict):
@@ -474,7 +474,7 @@ def train_config_from(training: dict, quality: str = "val_loss", check_device: b
 
 def _check_training(source: str, training: dict, quality: str) -> None:
     """Unknown training keys are errors too; values are checked by TrainConfig itself."""
-    from .train import TrainConfig, TrainError
+    from ..quality.train import TrainConfig, TrainError
 
     allowed = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(training) - allowed)

@@ -30,9 +30,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
-from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s
-from .errors import UserError
+from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
+from .._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s
+from ..errors import UserError
 
 __all__ = [
     "ExportError",
@@ -90,10 +90,10 @@ LAYER_MODULES = ("spec", "masks", "attention")  # inlined in this order
 
 
 def _module_source(name: str) -> str:
-    """The source of sqa_search/<name>.py as installed."""
+    """The source of sqa_search/layer/<name>.py as installed."""
     from importlib import resources
 
-    return resources.files(__package__).joinpath(f"{name}.py").read_text(encoding="utf-8")
+    return resources.files("sqa_search.layer").joinpath(f"{name}.py").read_text(encoding="utf-8")
 
 
 def _inline(name: str, text: str) -> str:
@@ -135,7 +135,7 @@ def library_layer_source() -> str:
     """spec.py, masks.py and attention.py inlined into one source text (see above)."""
     parts = []
     for name in LAYER_MODULES:
-        parts.append(f"# {'=' * 30} inlined from sqa_search/{name}.py {'=' * 30}\n" + _inline(name, _module_source(name)))
+        parts.append(f"# {'=' * 30} inlined from sqa_search/layer/{name}.py {'=' * 30}\n" + _inline(name, _module_source(name)))
     return "\n\n".join(parts)
 
 
@@ -359,7 +359,7 @@ def select_trial(handle, *, trial: int | None = None, pick: str | None = None):
     better = (lambda a, b: a < b) if direction == "minimize" else (lambda a, b: a > b)
     quality = handle.space.objectives.quality
     if rule == "knee":
-        from .pareto import knee_point
+        from ..search.pareto import knee_point
 
         points = [[t.user_attrs["quality"], t.user_attrs["latency_s"]] for t in rows]
         t = rows[knee_point(points, [direction, "minimize"])]
@@ -480,7 +480,7 @@ def _make_weights(spec: AttentionSpec, weights, prefix: str | None, seed: int | 
     """(state_dict, description) checked against the spec by loading it into the library layer."""
     import torch
 
-    from .attention import SparseQueryAttention
+    from ..layer.attention import SparseQueryAttention
 
     if weights is None:
         seed = 0 if seed is None else int(seed)
@@ -535,7 +535,7 @@ def _readme(spec: AttentionSpec, module_name: str, source: dict, figures: dict, 
         lines.append("None: this configuration was given directly, not measured.")
     lines += ["", "## Files", "",
               f"- `{module_name}.py`: the layer, standalone (needs only torch), configuration as constants.",
-              f"- `{CONFIG_FILE}`: the configuration; `sqa_search.export.load_layer(\"{CONFIG_FILE}\")` "
+              f"- `{CONFIG_FILE}`: the configuration; `sqa_search.decide.export.load_layer(\"{CONFIG_FILE}\")` "
               f"(or the folder) builds the library's layer from it.",
               ]
     if weights_note:
@@ -551,7 +551,7 @@ def _readme(spec: AttentionSpec, module_name: str, source: dict, figures: dict, 
               f"y = layer(torch.randn(2, 1024, {spec.d_model}))",
               "```", "",
               "With sqa-search installed, the same layer from the library: "
-              "`from sqa_search.export import load_layer; layer = load_layer(\"path/to/this/folder\")`.", ""]
+              "`from sqa_search.decide.export import load_layer; layer = load_layer(\"path/to/this/folder\")`.", ""]
     return "\n".join(lines)
 
 
@@ -600,7 +600,7 @@ def export_layer(spec: AttentionSpec, out, *, weights=None, weights_prefix: str 
     elif (out / WEIGHTS_FILE).exists():
         (out / WEIGHTS_FILE).unlink()  # a stale file from an earlier export would not match this spec
 
-    from . import __version__
+    from .. import __version__
 
     config = {
         "format": FORMAT,
@@ -667,7 +667,7 @@ def _trial_source_and_figures(handle, t, reason: str) -> tuple[dict, dict]:
 
 def export_trial(study, out, *, trial: int | None = None, pick: str | None = None, **kwargs) -> ExportResult:
     """Export a study's trial (by number or by a --pick rule) with its provenance and figures."""
-    from .study import StudyError, open_study
+    from ..search.engine import StudyError, open_study
 
     path = Path(study)
     if not path.exists():
@@ -683,7 +683,7 @@ def export_trial(study, out, *, trial: int | None = None, pick: str | None = Non
 
 
 def export_recommendation(recommendation, out, **kwargs) -> ExportResult:
-    """Export the configuration a `sqa_search.recommend.Recommendation` chose, with its figures
+    """Export the configuration a `sqa_search.decide.recommend.Recommendation` chose, with its figures
     and their sources (measured or predicted, loss from a study or from the prior)."""
     c = recommendation.choice
     source = {"origin": "sqa-search recommend", "chosen_by": recommendation.why,
@@ -770,7 +770,7 @@ def load_layer(path, *, backend: str = "auto", weights: bool = True, map_locatio
     """An export folder (or its config.json) -> the library's `SparseQueryAttention`, with the
     exported weights when there are some (weights=False: freshly initialised). A damaged export
     raises ExportError naming the file, what is wrong and what is expected."""
-    from .attention import SparseQueryAttention
+    from ..layer.attention import SparseQueryAttention
 
     config, folder = load_config(path)
     try:
@@ -842,10 +842,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m sqa_search.export`: the same as `sqa-search export`, errors included."""
+    """`python -m sqa_search.decide.export`: the same as `sqa-search export`, errors included."""
     import sys
 
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["export", *(sys.argv[1:] if argv is None else argv)])
 

@@ -3,7 +3,7 @@
 It checks, on the device at hand and in each dtype it supports, every path the layer can take
 (fused SDPA for MHA, GQA, uneven groups, rSQA and bidirectional attention; the blocked window
 path; FlexAttention; the dense mask with global tokens; decode from a KV cache) against the
-float64 reference (`sqa_search.reference`) at small N, forward and, where the path has one,
+float64 reference (`sqa_search.layer.reference`) at small N, forward and, where the path has one,
 backward. It names the kernel each case ran (``layer.last_backend``: SDPA's flash, efficient
 or math kernel; compiled or eager flex), and it checks the timing itself: on CUDA, event
 times against the wall clock of the same synchronised calls; on any device, the spread of
@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .errors import UserError
-from .spec import AttentionSpec
+from ..errors import UserError
+from ..layer.spec import AttentionSpec
 
 __all__ = ["Check", "DoctorError", "TOLERANCES", "run_doctor", "add_arguments", "run"]
 
@@ -102,7 +102,7 @@ def _cases(device_type: str) -> list[_Case]:
 
 
 def _reference(layer, x):
-    from .reference import reference  # looked up per call, so a test can substitute a wrong one
+    from ..layer.reference import reference  # looked up per call, so a test can substitute a wrong one
 
     return reference(layer, x)
 
@@ -114,7 +114,7 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def _layers(case: _Case, device, dtype):
     """(layer on device in dtype, float64 CPU twin with the same, dtype-rounded, weights)."""
-    from .attention import SparseQueryAttention
+    from ..layer.attention import SparseQueryAttention
 
     layer = SparseQueryAttention(case.spec, backend=case.backend).to(device=device, dtype=dtype)
     twin = copy.deepcopy(layer).to(device="cpu", dtype=torch.float64)
@@ -238,7 +238,7 @@ def _spread_check(device: torch.device, dtype_name: str, quick: bool) -> Check:
 
 def _event_check(device: torch.device, dtype_name: str) -> Check:
     """CUDA events against the wall clock of the same synchronised calls, on `device`."""
-    from .attention import SparseQueryAttention
+    from ..layer.attention import SparseQueryAttention
 
     spec = AttentionSpec.variant("mha", 256, 16)
     dtype = DTYPES[dtype_name]

@@ -41,7 +41,7 @@ from typing import Callable, Iterable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "DataError",

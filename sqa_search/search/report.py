@@ -23,7 +23,7 @@ def _objectives(handle):
 def pareto_table(handle):
     """(all trials, Pareto set, hypervolume): the Pareto set with speedup and quality change
     against MHA and GQA where those were evaluated."""
-    from .study import trials_frame
+    from .engine import trials_frame
 
     frame = trials_frame(handle)
     names, directions = _objectives(handle)
@@ -75,7 +75,7 @@ def front_figure(handle, frame, front):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._figures import fit_text
+    from .._figures import fit_text
 
     done = frame[frame.state == "COMPLETE"]
     subject, source = _front_title(handle)
@@ -124,7 +124,7 @@ def write_front_html(handle, frame, front, path: Path) -> Path:
 
 
 def _plot_front(handle, frame, front, out: Path) -> list[Path]:
-    from ._figures import save
+    from .._figures import save
 
     png = out / "pareto.png"
     save(front_figure(handle, frame, front), png)
@@ -138,7 +138,7 @@ def hypervolume_figure(handle, frame):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._figures import fit_text
+    from .._figures import fit_text
 
     done = frame[frame.state == "COMPLETE"].sort_values("trial")
     if len(done) < 2:
@@ -159,7 +159,7 @@ def hypervolume_figure(handle, frame):
 
 
 def _plot_hypervolume(handle, frame, out: Path) -> Path | None:
-    from ._figures import save
+    from .._figures import save
 
     fig = hypervolume_figure(handle, frame)
     if fig is None:
@@ -222,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import pandas as pd
 
-    from .study import open_study
+    from .engine import open_study
 
     handle = open_study(args.study)
     frame, front, hv = pareto_table(handle)

@@ -55,7 +55,7 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .space import SearchSpace, load_space, space_from_dict
-from .study import (
+from .engine import (
     DEFAULT_STUDIES_DIR,
     Objective,
     StudyError,
@@ -254,8 +254,8 @@ def ray_result(space: SearchSpace, record: dict) -> dict:
 
 def _worker_identity(space: SearchSpace) -> dict:
     """This worker's node and hardware fingerprint (what a timing here depends on)."""
-    from .study import _device
-    from .timing import fingerprint, fingerprint_id
+    from .engine import _device
+    from ..speed.timing import fingerprint, fingerprint_id
 
     t = space.target
     device = _device(t.device) if t.measured else str(space.training.get("device", "cpu"))

@@ -9,7 +9,7 @@ Where the figures come from, and how each is labelled:
   is mapped onto yours by variant name, not measured on it.
 * **Speed**: the study's timings when the study ran on the target hardware at the asked shape
   (``measured``, with the fingerprint it ran on); otherwise the cost model for the target
-  (``predicted``, with the profile and its calibration: `sqa_search.cost.Prediction`). A study
+  (``predicted``, with the profile and its calibration: `sqa_search.speed.cost.Prediction`). A study
   that ran on other hardware, or timed another mode or length, gives the loss only, and the
   output says so.
 * **KV cache**: analytic (`AttentionSpec.kv_cache_bytes`, all layers).
@@ -34,9 +34,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .spec import AttentionSpec, SpecError
-from ._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s, fmt_x as _fmt_x
-from .errors import UserError
+from ..layer.spec import AttentionSpec, SpecError
+from .._format import fmt_bytes as _fmt_bytes, fmt_s as _fmt_s, fmt_x as _fmt_x
+from ..errors import UserError
 
 __all__ = [
     "RecommendError",
@@ -294,12 +294,12 @@ def _same_hardware(fp: dict | None, profile) -> bool:
 
 
 def _resolve_target(hardware: str, device: str | None) -> _Target:
-    from .cost import CostError, list_profiles, load_profile
+    from ..speed.cost import CostError, list_profiles, load_profile
 
     if str(hardware).strip().lower() == "local":
         import torch
 
-        from .timing import fingerprint
+        from ..speed.timing import fingerprint
 
         dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
         try:
@@ -419,7 +419,7 @@ def recommend(
     With a study: its complete trials; shape defaults (seq_len, mode, batch, dtype, what) come
     from the study's target. hardware: "local" or a cost-model profile (name, alias or path).
     """
-    from .cost import CostError, predict
+    from ..speed.cost import CostError, predict
 
     notes: list[str] = []
     footnotes: dict[str, str] = {}
@@ -442,8 +442,8 @@ def recommend(
     # ----- where the candidates and their losses come from
     handle = None
     if study is not None:
-        from .space import SpaceError
-        from .study import StudyError, open_study
+        from ..search.space import SpaceError
+        from ..search.engine import StudyError, open_study
 
         path = Path(study)
         if not path.exists():
@@ -548,7 +548,7 @@ def recommend(
     if not use_measured:
         if profile is None:
             raise RecommendError(f"no cost-model profile describes {target.display}: pass --hardware PROFILE "
-                                 f"(see python -m sqa_search.cost list), or a --study measured here at this shape")
+                                 f"(see python -m sqa_search.speed.cost list), or a --study measured here at this shape")
         dtype = dtype or ("bfloat16" if profile.device_type == "cuda" else "float32")
         scope = {"layer": "one attention layer", "block": "one block",
                  "model": f"the whole {n_layers}-layer model (d_model {d_model}, H {n_heads}, SwiGLU FFN)"}[what]
@@ -797,10 +797,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m sqa_search.recommend`: the same as `sqa-search recommend`, errors included."""
+    """`python -m sqa_search.decide.recommend`: the same as `sqa-search recommend`, errors included."""
     import sys
 
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["recommend", *(sys.argv[1:] if argv is None else argv)])
 

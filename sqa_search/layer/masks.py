@@ -2,7 +2,7 @@
 
 Every path that needs the rule takes it from here: the blocked path's layout and additive
 masks (`BlockedLayout`), the FlexAttention ``mask_mod`` and its block indices, and the analytic
-counts of `AttentionSpec` (FLOPs over visible pairs). Only the float64 reference in `sqa_search.reference` writes the
+counts of `AttentionSpec` (FLOPs over visible pairs). Only the float64 reference in `sqa_search.layer.reference` writes the
 rule out again, on purpose, so that it can catch a mistake here.
 
 The rule (see `AttentionSpec`): key j of the sequence is visible to query i iff

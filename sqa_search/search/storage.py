@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import optuna
 
-from .errors import UserError
+from ..errors import UserError
 from .space import SearchSpace, SpaceError, load_space
 
 __all__ = ["StudyError", "check_storage_url", "open_storage", "read_meta", "existing_meta", "stored_space",

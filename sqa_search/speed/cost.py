@@ -8,7 +8,7 @@ Three questions, three parts:
   pre-norms, residuals and SwiGLU FFN, ``model`` adds the tied embedding, final norm and LM
   head (and the loss in training); ``n_layers`` multiplies layers and blocks.
 * **What does the hardware offer?** `HardwareProfile`: dense peak FLOP/s per dtype, memory
-  bandwidth and sizes from datasheets (YAML files in ``sqa_search/profiles``), plus efficiency
+  bandwidth and sizes from datasheets (YAML files in ``sqa_search/speed/profiles``), plus efficiency
   factors and a per-kernel overhead that start as guesses and are meant to be calibrated.
 * **How long will it take?** `predict` is a roofline: the sum over phases of
   ``max(flops / (peak * eff[kind]), bytes / (bandwidth * eff["memory"])) + launches * overhead``.
@@ -26,7 +26,7 @@ Counting conventions (why the numbers are what they are):
   work and is larger than `AttentionSpec.attention_flops(backward=True)`, which counts 3x the
   forward without the recomputation.
 * ``decode`` is one new token per sequence against a cache already holding N tokens (as
-  `sqa_search.timing` times it): the token is written to the cache and attends to
+  `sqa_search.speed.timing` times it): the token is written to the cache and attends to
   ``min(N + 1, W) + n_global`` keys, reading the cache once per KV head (about
   ``AttentionSpec.kv_cache_bytes``) plus every weight once: decode is memory-bound.
 * Without a ``device_type`` the counts are the algorithm's (visible pairs exactly, no copies):
@@ -34,7 +34,7 @@ Counting conventions (why the numbers are what they are):
   "cpu", which `predict` takes from the profile) they mirror what `SparseQueryAttention`
   actually runs there: tile-granular causal and windowed work (flash/flex tiles on CUDA; the
   CPU flash kernel's 512-key blocks; the blocked window path's runs of p*blk + G keys per
-  query row, from `sqa_search.masks.BlockedLayout` itself, made as the layer makes it: with
+  query row, from `sqa_search.layer.masks.BlockedLayout` itself, made as the layer makes it: with
   grad (``train``) blocks of ~W/2, pad/stack copies, one SDPA call per phase and the
   backward's slice gradients; without (``prefill``) blocks of ~W/4, q, k and v written once
   into the layout, interior runs sharing one broadcast mask (a few SDPA calls per phase), in
@@ -60,7 +60,7 @@ timing on a shared machine cannot drag the fit) and pulled weakly towards the st
 out, so they are only valid for the dtype, scopes and kind of shapes they were fitted on (the
 calibration record lists them). ``l2_bytes`` is recorded but not yet used by the roofline; a
 memory efficiency above 1 after calibration means the working set stayed in cache.
-`calibrate_from_measurements` (or ``python -m sqa_search.cost calibrate --save``) times a
+`calibrate_from_measurements` (or ``python -m sqa_search.speed.cost calibrate --save``) times a
 spread of layers on this machine, calibrates and saves in one go.
 
 Profile lookup (`load_profile`): a path loads that file. A name looks first in the user
@@ -86,9 +86,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from .errors import UserError
-from .masks import BlockedLayout, Visibility
-from .spec import AttentionSpec
+from ..errors import UserError
+from ..layer.masks import BlockedLayout, Visibility
+from ..layer.spec import AttentionSpec
 
 __all__ = [
     "CostError",
@@ -1303,7 +1303,7 @@ def _layer_step(spec, *, mode, batch, seq_len, dtype, device):
     """A closure running one SparseQueryAttention step (synchronised), and the layer."""
     import torch
 
-    from .attention import SparseQueryAttention
+    from ..layer.attention import SparseQueryAttention
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     layer = SparseQueryAttention(spec).to(device=device, dtype=torch_dtype)
@@ -1365,7 +1365,7 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
     """Time a spread of attention layers here, calibrate `profile` on them, optionally save it.
 
     The script-like path to a calibrated profile for this machine (also
-    ``python -m sqa_search.cost calibrate --profile cpu-generic --save``). configs: dicts with
+    ``python -m sqa_search.speed.cost calibrate --profile cpu-generic --save``). configs: dicts with
     variant, d_model, n_heads, seq_len, batch and optional window (default
     `default_calibration_configs`). threads: torch threads while timing (1 by default: on a
     busy 2-core machine multi-threaded ops stall on each other; the fingerprint records it).
@@ -1379,8 +1379,8 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
     estimates the step on an idle core: on a loaded machine wall time is longer by the load.
     The clock is recorded in the fingerprint.
     speed_correction (default: on for CPU): each timing is scaled by the machine's speed at
-    that moment against its stored reference, as `sqa_search.timing` does (see
-    `sqa_search.speed_probe`), so the profile predicts the figures `sqa-search bench` measures.
+    that moment against its stored reference, as `sqa_search.speed.timing` does (see
+    `sqa_search.speed.probe`), so the profile predicts the figures `sqa-search bench` measures.
     Returns (calibrated profile, report, records); records are TimingResult-shaped dicts
     (their ``median_s`` holds that fastest time).
     """
@@ -1409,7 +1409,7 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
         fp["clock"] = "thread-cpu-time" if clock == "thread" else "wall"
         probes: dict = {}  # mode -> (probe, its reference seconds): the probes timing.py uses
         if speed_correction:
-            from .speed_probe import SpeedProbe, machine_reference, probe_kind
+            from .probe import SpeedProbe, machine_reference, probe_kind
             from .timing import default_cache_dir, fingerprint, fingerprint_id
 
             fp_id = fingerprint_id(fingerprint(device, dtype, torch.get_num_threads()))
@@ -1455,7 +1455,7 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
 def _main(argv=None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m sqa_search.cost", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sqa_search.speed.cost", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     cal = sub.add_parser("calibrate", help="time attention layers here and calibrate a profile")
     cal.add_argument("--profile", default="cpu-generic")

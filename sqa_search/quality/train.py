@@ -2,14 +2,14 @@
 
 Two tasks, each its own short training run from the same seed:
 
-* ``lm``: language modelling on real text (`sqa_search.data`). A causal spec trains next-token
+* ``lm``: language modelling on real text (`sqa_search.quality.data`). A causal spec trains next-token
   prediction; a bidirectional spec (an encoder) trains a masked-token objective: 15% of the
   positions are replaced by a reserved ``[MASK]`` id (one past the tokenizer's vocabulary, so it
   never collides with a real token) and only those positions are predicted. No 80/10/10 split:
   the objective is a yardstick for comparing heads, not a pretraining recipe.
   Reported: ``val_loss``, ``val_ppl``, ``val_acc`` (next-token, or masked-token, accuracy) on a
   fixed, held-out slice of the corpus.
-* ``mqar``: multi-query associative recall on synthetic data (`sqa_search.data.mqar_batch`),
+* ``mqar``: multi-query associative recall on synthetic data (`sqa_search.quality.data.mqar_batch`),
   trained with the same model shape and the same budget. Reported: ``mqar_accuracy``, the
   accuracy over the queried positions only, on fixed held-out sequences.
 * ``lm+mqar``: both, one after the other; each task gets the whole budget (so twice the time).
@@ -62,9 +62,9 @@ from .data import (
     mqar_batch,
     val_batches,
 )
-from .model import MODEL_PRESETS, ModelConfig, ProxyLM
-from .spec import AttentionSpec, SpecError, variant_display_name
-from .errors import UserError
+from ..layer.model import MODEL_PRESETS, ModelConfig, ProxyLM
+from ..layer.spec import AttentionSpec, SpecError, variant_display_name
+from ..errors import UserError
 
 __all__ = [
     "TrainConfig",
@@ -230,7 +230,7 @@ class TrainConfig:
             raise _fail("betas", self.betas, "must be two numbers in [0, 1)")
         object.__setattr__(self, "betas", betas)
         if not isinstance(self.mqar, MQARConfig):
-            raise _fail("mqar", self.mqar, "must be an sqa_search.data.MQARConfig")
+            raise _fail("mqar", self.mqar, "must be an sqa_search.quality.data.MQARConfig")
         if self.dtype not in DTYPES:
             raise _fail("dtype", self.dtype, f"choose one of {', '.join(DTYPES)} (float16 needs loss scaling; use bfloat16)")
         if not isinstance(self.deterministic, bool):
@@ -950,7 +950,7 @@ def _separation(rows: dict, a: str = "mha", b: str = "xsmqa") -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sqa_search.train", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m sqa_search.quality.train", description=__doc__.splitlines()[0])
     parser.add_argument("--discrimination", action="store_true", help="run the discrimination experiment")
     parser.add_argument("--variant", default="mha", help="variant for a single trial (default mha)")
     parser.add_argument("--variants", default=",".join(DISCRIMINATION_VARIANTS))

@@ -1,7 +1,7 @@
 """`sqa-search bench`: the SQA paper's Table 3 (seconds per step, per variant, per N) for any hardware.
 
-Measured on this machine by default (`sqa_search.timing`), or predicted for a named hardware
-profile with ``--hardware`` (`sqa_search.cost`, no GPU needed). The two are never mixed and
+Measured on this machine by default (`sqa_search.speed.timing`), or predicted for a named hardware
+profile with ``--hardware`` (`sqa_search.speed.cost`, no GPU needed). The two are never mixed and
 never confusable: the table title, the CSV column ``source`` and the plot title all say
 "measured" or "predicted (profile P, calibration C)".
 
@@ -12,7 +12,7 @@ grows with N; windowed variants against the same heads with full attention), and
 
     sqa-search bench --seq-lens 1024,4096,16384 --mode both --out bench_out
     sqa-search bench --hardware h100-sxm --seq-lens 32k,131k
-    python -m sqa_search.bench --variants mha,sqa,8/2,8/4/256 --mode decode
+    python -m sqa_search.speed.bench --variants mha,sqa,8/2,8/4/256 --mode decode
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ import statistics
 import sys
 from pathlib import Path
 
-from .spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
-from ._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
-from .errors import UserError
+from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
+from .._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
+from ..errors import UserError
 
 __all__ = ["add_arguments", "run", "main", "BenchError", "parse_variants", "parse_seq_lens", "DEFAULT_VARIANTS"]
 
@@ -92,10 +92,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true", help="re-time points that are in the timing cache")
     parser.add_argument("--no-cache", dest="use_cache", action="store_false",
                         help="neither read nor write the timing cache")
-    parser.add_argument("--cache-dir", default=None, help="timing cache directory (default: see sqa_search.timing)")
+    parser.add_argument("--cache-dir", default=None, help="timing cache directory (default: see sqa_search.speed.timing)")
     parser.add_argument("--no-speed-correction", dest="speed_correction", action="store_const", const=False,
                         default=None, help="report raw CPU times, not corrected for the machine's speed "
-                                           "(see sqa_search.speed_probe; raw times are in the CSV either way)")
+                                           "(see sqa_search.speed.probe; raw times are in the CSV either way)")
     parser.add_argument("--fresh-process", action="store_true",
                         help="time each point in a fresh Python process (long sweeps with compiled kernels)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -201,7 +201,7 @@ def _validate(args) -> dict:
 
     plan = {"seq_lens": seq_lens, "specs": specs, "modes": modes, "profile": None, "device": None}
     if args.hardware is not None:
-        from . import cost
+        from ..speed import cost
 
         try:
             plan["profile"] = cost.load_profile(args.hardware)
@@ -242,7 +242,7 @@ def _measure(args, plan) -> list:
 
 
 def _predict(args, plan) -> list:
-    from . import cost
+    from ..speed import cost
     from .timing import TimingResult
 
     profile = plan["profile"]
@@ -351,7 +351,7 @@ def _speed_note(results) -> str | None:
     speeds = [s for r in corrected for s in r.speeds] or [r.machine_speed for r in corrected]
     refs = sorted({r.reference_probe_s for r in corrected})
     note = (f"corrected to this machine's reference speed (probe {', '.join(f'{x * 1e3:.3g} ms' for x in refs)}; "
-            f"see sqa_search.speed_probe): the machine ran at {min(speeds):.2f}-{max(speeds):.2f}x of it during "
+            f"see sqa_search.speed.probe): the machine ran at {min(speeds):.2f}-{max(speeds):.2f}x of it during "
             f"these timings; raw medians are in the CSV (raw_seconds); --no-speed-correction reports them instead")
     if statistics.median(speeds) > 1.1:
         note += ("\nnote: the machine mostly ran faster than its reference, which was measured in a slow spell: "
@@ -473,7 +473,7 @@ def _print_report(results, args, plan, out=None) -> None:
     if plan["profile"] is None:
         flagged = sorted({f for r in results for f in r.flags})
         if flagged:
-            print(f"flags seen: {', '.join(flagged)} (see sqa_search.timing for what each means)", file=out)
+            print(f"flags seen: {', '.join(flagged)} (see sqa_search.speed.timing for what each means)", file=out)
         rec = next((r for r in results if r.ok), None)
         if rec is not None:
             print(f"peak memory: {rec.mem_kind}", file=out)
@@ -575,7 +575,7 @@ def plot_figure(results, args, plan):
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    from ._figures import fit_text
+    from .._figures import fit_text
 
     modes = plan["modes"]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False, dpi=110)
@@ -603,7 +603,7 @@ def plot_figure(results, args, plan):
 
 
 def write_plot(path: Path, results, args, plan) -> None:
-    from ._figures import save
+    from .._figures import save
 
     save(plot_figure(results, args, plan), path)
 
@@ -635,10 +635,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m sqa_search.bench`: the same as `sqa-search bench`, errors included."""
+    """`python -m sqa_search.speed.bench`: the same as `sqa-search bench`, errors included."""
     import sys
 
-    from .cli import main as cli_main
+    from ..cli import main as cli_main
 
     return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
 

@@ -7,7 +7,7 @@ sampler and many seeds, exactly as `sqa-search run` would drive them (same sampl
 named variants enqueued first), and the hypervolume after each trial is compared with the
 exhaustive front's. Usage:
 
-    python -m sqa_search.efficiency search_spaces/efficiency.yaml --seeds 10 --out bench_out/efficiency
+    python -m benchmarks/efficiency.py search_spaces/efficiency.yaml --seeds 10 --out bench_out/efficiency
 """
 
 from __future__ import annotations
@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .pareto import hypervolume, hypervolume_history, reference_point
-from .space import SearchSpace, candidate_key, load_space, train_config_from
+from sqa_search.search.pareto import hypervolume, hypervolume_history, reference_point
+from sqa_search.search.space import SearchSpace, candidate_key, load_space, train_config_from
 
 __all__ = ["evaluate_all", "replay", "main"]
 
 
 def evaluate_all(space: SearchSpace, cache: Path | None = None, progress: bool = True) -> list[dict]:
     """Quality and latency of every candidate, cached in a JSON file so reruns are free."""
-    from .timing import time_spec
-    from .train import train_spec
+    from sqa_search.speed.timing import time_spec
+    from sqa_search.quality.train import train_spec
 
     table = json.loads(cache.read_text()) if cache and cache.is_file() else {}
     candidates = space.candidates()
@@ -64,7 +64,7 @@ def replay(space: SearchSpace, table: list[dict], sampler: str, seed: int, n_tri
     sampler alone is measured."""
     import optuna
 
-    from .study import _params, _sampler
+    from sqa_search.search.engine import _params, _sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     lookup = {json.dumps(row["params"], sort_keys=True): (row["quality"], row["latency_s"]) for row in table}
@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ._figures import fit_text, save
+    from sqa_search._figures import fit_text, save
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for name, fractions in curves.items():

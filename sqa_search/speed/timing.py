@@ -20,7 +20,7 @@ Method, and why:
 * CPU speed correction (default on CPU): a shared machine changes speed under a timing, in
   phases longer than any timing budget, so each repeat is scaled by the machine's speed at
   that moment, measured by a fixed probe kernel between repeats against this machine's stored
-  reference (`sqa_search.speed_probe`). ``median_s``/``iqr_s`` are then "seconds at the
+  reference (`sqa_search.speed.probe`). ``median_s``/``iqr_s`` are then "seconds at the
   machine's reference speed"; ``raw_median_s``, ``times_s`` (raw), ``speeds`` and
   ``machine_speed`` keep what the clock said. ``machine-busy`` flags a median correction
   above 1.5x.
@@ -58,7 +58,7 @@ d_ff, dtype, device type, threads (CPU only), the requested backend and TIMING_V
 the budget, which changes precision, not the figure. Only ``ok`` results are cached: an ``oom`` may come from memory another
 process held at the time and an ``error`` from a bug since fixed, so both are re-tried.
 
-Fresh process: `time_spec_subprocess` runs the same trial in ``python -m sqa_search.timing``
+Fresh process: `time_spec_subprocess` runs the same trial in ``python -m sqa_search.speed.timing``
 (JSON in on argv, JSON out on stdout), for long sweeps where compiled kernels would pile up
 recompilations in one process.
 """
@@ -84,10 +84,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .spec import AttentionSpec
-from .speed_probe import (BUSY_CORRECTION, PROBE_INTERVAL_S, SpeedProbe, corrected_times, machine_reference,
+from ..layer.spec import AttentionSpec
+from .probe import (BUSY_CORRECTION, PROBE_INTERVAL_S, SpeedProbe, corrected_times, machine_reference,
                           probe_kind, stored_reference)
-from .errors import UserError
+from ..errors import UserError
 
 __all__ = [
     "TimingResult",
@@ -453,8 +453,8 @@ def _tensor_bytes(tensors) -> int:
 
 
 def _build_job(spec, *, what, mode, batch, seq_len, n_layers, d_ff, backend, device, dtype, seed) -> _Job:
-    from .attention import SparseQueryAttention
-    from .model import Block, ModelConfig, ProxyLM
+    from ..layer.attention import SparseQueryAttention
+    from ..layer.model import Block, ModelConfig, ProxyLM
 
     gen = torch.Generator(device="cpu").manual_seed(seed + 1)
 
@@ -914,7 +914,7 @@ def _threads(n: int | None):
 def _prepare(spec, *, batch=1, seq_len, mode="prefill", dtype="float32", device="cpu", what="layer",
              n_layers=None, d_ff=None, backend="auto", threads=None, speed_correction=None, **_ignored):
     """Check a request and return (its record with nothing measured, device, torch dtype)."""
-    from .attention import BACKENDS
+    from ..layer.attention import BACKENDS
 
     spec = AttentionSpec.coerce(spec)
     if mode not in MODES:
@@ -1002,7 +1002,7 @@ def time_spec(
     (default: the current setting); restored afterwards. cache_dir / use_cache / force: see
     the module docstring; force re-times and overwrites the cached record.
     speed_correction: scale each CPU repeat by the machine's speed at that moment (see
-    `sqa_search.speed_probe`); None = on for CPU, off for CUDA. The raw figures stay in the record.
+    `sqa_search.speed.probe`); None = on for CPU, off for CUDA. The raw figures stay in the record.
     """
     result, dev, torch_dtype = _prepare(
         spec, batch=batch, seq_len=seq_len, mode=mode, dtype=dtype, device=device, what=what,
@@ -1084,7 +1084,7 @@ def _job_arguments(kwargs: dict) -> dict:
 
 
 def time_spec_subprocess(spec, *, timeout_s: float | None = None, **kwargs) -> TimingResult:
-    """`time_spec` in a fresh ``python -m sqa_search.timing`` process; same arguments, same record.
+    """`time_spec` in a fresh ``python -m sqa_search.speed.timing`` process; same arguments, same record.
 
     A cached record is returned without starting a process. A process that dies (killed for
     memory, crashed in a kernel) or runs past `timeout_s` gives a record with status "oom"
@@ -1103,7 +1103,7 @@ def time_spec_subprocess(spec, *, timeout_s: float | None = None, **kwargs) -> T
     base, _, _ = _prepare(spec, **kwargs)  # checks the arguments here, not in the child
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sqa_search.timing", payload],
+            [sys.executable, "-m", "sqa_search.speed.timing", payload],
             capture_output=True, text=True, timeout=timeout_s, env=env,
         )
     except subprocess.TimeoutExpired:
@@ -1246,10 +1246,10 @@ def time_specs(
 
 
 def main(argv=None) -> int:
-    """``python -m sqa_search.timing '<json>'``: {"spec": {...}, "kwargs": {...}} -> one result line."""
+    """``python -m sqa_search.speed.timing '<json>'``: {"spec": {...}, "kwargs": {...}} -> one result line."""
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m sqa_search.timing '{\"spec\": {...}, \"kwargs\": {\"seq_len\": 1024, ...}}'",
+        print("usage: python -m sqa_search.speed.timing '{\"spec\": {...}, \"kwargs\": {\"seq_len\": 1024, ...}}'",
               file=sys.stderr)
         return 2
     request = json.loads(argv[0])

@@ -7,7 +7,7 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
   call would fall to the math path (or, on CPU, where expanding is measurably faster).
 * ``blocked``: sliding window (and global tokens) without an N x N mask: queries in blocks of
   ~W/4 tokens (~W/2 with grad) each read the few key blocks their window needs plus the global
-  tokens, as one contiguous run of a key buffer (`sqa_search.masks.BlockedLayout`), a few
+  tokens, as one contiguous run of a key buffer (`sqa_search.layer.masks.BlockedLayout`), a few
   batched SDPA calls on plain views: cost linear in N, forward and backward, on any device,
   keys copied once. Without grad, RoPE is applied during that copy, interior runs share one
   broadcast mask, and the global tokens' own pass reads the same buffers.
@@ -21,8 +21,8 @@ Paths (the one that ran is in ``layer.last_backend``, so timings can name their 
 * ``sdpa-masked``: SDPA with a dense (N, N+G) mask: full attention plus global tokens off CUDA,
   or a forced ``sdpa`` on a windowed spec.
 
-Head grouping is defined in `sqa_search.spec`; the visibility rule (causal, window, global
-tokens) in `sqa_search.masks`, which every path here uses.
+Head grouping is defined in `sqa_search.layer.spec`; the visibility rule (causal, window, global
+tokens) in `sqa_search.layer.masks`, which every path here uses.
 """
 
 from __future__ import annotations
