@@ -1,5 +1,5 @@
-"""The `sqa-search` command. Each subcommand lives in its own module, which is imported only
-when that subcommand runs, so `--help` is instant.
+"""The `sqa-search` command. Each subcommand lives in its own module here (parsing and printing
+only), which is imported only when that subcommand runs, so `--help` is instant.
 
 Errors: a user's mistake (a `UserError` from any module, a `SpecError`, a bad flag, a path that
 cannot be read or written) is printed as one line, ``sqa-search CMD: error: ...``, and exits 2;
@@ -15,12 +15,12 @@ import sys
 
 # subcommand -> (module, one-line help). Each module has add_arguments(parser) and run(args).
 SUBCOMMANDS = {
-    "run": ("sqa_search.search.engine", "run (or resume, or extend) a search study from a search-space YAML"),
-    "show": ("sqa_search.search.report", "show a study's trials, Pareto set and hypervolume; write CSV, plots, report"),
-    "recommend": ("sqa_search.decide.recommend", "recommend a head configuration for a target hardware, sequence length and workload"),
-    "export": ("sqa_search.decide.export", "export a configuration as a standalone PyTorch module, a config and a README"),
-    "bench": ("sqa_search.speed.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
-    "doctor": ("sqa_search.speed.doctor", "check every attention path, kernel and the timing on this device before a long study"),
+    "run": ("sqa_search.cli.run", "run (or resume, or extend) a search study from a search-space YAML"),
+    "show": ("sqa_search.cli.show", "show a study's trials, Pareto set and hypervolume; write CSV, plots, report"),
+    "recommend": ("sqa_search.cli.recommend", "recommend a head configuration for a target hardware, sequence length and workload"),
+    "export": ("sqa_search.cli.export", "export a configuration as a standalone PyTorch module, a config and a README"),
+    "bench": ("sqa_search.cli.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
+    "doctor": ("sqa_search.cli.doctor", "check every attention path, kernel and the timing on this device before a long study"),
 }
 
 DEBUG_FLAG = "--debug"
@@ -51,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from .errors import UserError
-    from .layer.spec import SpecError  # a plain ValueError: spec.py is inlined into exported modules
+    from ..errors import UserError
+    from ..layer.spec import SpecError  # a plain ValueError: spec.py is inlined into exported modules
 
     # OSError: a path the user named cannot be read or written (missing, a folder, no permission).
     return (UserError, SpecError, OSError)

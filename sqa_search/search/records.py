@@ -1,0 +1,143 @@
+"""One trial record: what a trial stores in Optuna and how every reader gets it back.
+
+The study engine and the Ray backend write a trial's results only through the ``record_*``
+functions here; `show`, `recommend`, `export` and the Ray backend read them only through
+`TrialRecord.from_trial`. No other module touches a trial's user attributes by string key. The
+stored keys are the ones every study since the first version wrote, so old study folders read the
+same (tests/test_legacy_study.py keeps one made before this module existed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..layer.spec import AttentionSpec
+from ..speed.hardware import Fingerprint
+from ..speed.workload import Latency
+
+# the stored keys (Optuna user attributes); the names are the on-disk schema, do not rename
+SPEC = "spec"
+SPEC_KEY = "spec_key"
+LABEL = "label"
+VARIANT = "variant"
+FAMILY = "family"
+KV_CACHE_BYTES = "kv_cache_bytes"
+N_PARAMS = "n_params"
+QUALITY = "quality"
+LATENCY_S = "latency_s"
+LATENCY_SOURCE = "latency_source"
+TIMING = "timing"
+FINGERPRINT = "fingerprint"
+TRAIN = "train"
+DUPLICATE_OF = "duplicate_of"
+ANCHOR = "anchor"
+RETRY_OF = "retry_of"
+FAIL_REASON = "fail_reason"
+PRUNE_REASON = "prune_reason"
+
+# what a duplicate copies from the trial it repeats
+REUSED = (LATENCY_S, LATENCY_SOURCE, QUALITY, TRAIN, TIMING)
+
+
+def _latency_from_stored(row: dict, source: str | None, fingerprint: Fingerprint | None) -> Latency:
+    """One entry of the stored ``timing`` list as a `Latency`. Measured entries hold
+    median_s/iqr_s/raw_median_s; predicted ones predicted_s/bound (the shapes every version wrote)."""
+    flags = tuple(row.get("flags") or ())
+    if "predicted_s" in row:
+        where = (source or "").removeprefix("predicted for ") or "a hardware profile"
+        return Latency(seconds=float(row["predicted_s"]), kind="predicted", where=where,
+                       seq_len=int(row["seq_len"]), backend=row.get("path"),
+                       peak_memory_bytes=row.get("peak_mem_bytes"),
+                       flags=flags + ((f"{row['bound']}-bound",) if row.get("bound") else ()))
+    raw = row.get("raw_median_s")
+    corrected = row.get("speed_corrected")
+    if corrected is None:  # before the flag was stored: corrected when the raw figure differs
+        corrected = raw is not None and raw != row["median_s"]
+    where = fingerprint.label if fingerprint else (source or "").removeprefix("measured on ") or "unknown device"
+    return Latency(seconds=float(row["median_s"]), kind="measured-corrected" if corrected else "measured-raw",
+                   where=where, seq_len=int(row["seq_len"]), spread_s=row.get("iqr_s"),
+                   raw_seconds=raw if raw is not None else row["median_s"], backend=row.get("backend"),
+                   peak_memory_bytes=row.get("peak_mem_bytes"), flags=flags)
+
+
+@dataclass
+class TrialRecord:
+    """One trial of a study as every reader sees it."""
+
+    number: int
+    state: str  # COMPLETE, PRUNED, FAIL, RUNNING, WAITING
+    values: tuple | None
+    params: dict
+    spec: AttentionSpec | None = None
+    label: str | None = None
+    variant: str | None = None
+    family: str | None = None
+    quality: float | None = None
+    latency_s: float | None = None  # summed over the target's sequence lengths
+    latency_source: str | None = None  # the words stored with it ("measured on ...", "predicted for ...")
+    latencies: list[Latency] = field(default_factory=list)  # one per sequence length
+    fingerprint: Fingerprint | None = None
+    fingerprint_id: str | None = None
+    kv_cache_bytes: int | None = None
+    n_params: int | None = None
+    train: dict = field(default_factory=dict)  # the training summary (TrainResult.to_dict without curves)
+    duplicate_of: int | None = None
+    anchor: str | None = None
+    retry_of: int | None = None
+    fail_reason: str | None = None
+    prune_reason: str | None = None
+    datetime_start: object = None
+    duration_s: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.state == "COMPLETE"
+
+    @property
+    def evaluated(self) -> bool:
+        """Complete with its own result (not a repeat of an earlier trial's)."""
+        return self.complete and self.duplicate_of is None and self.spec is not None
+
+    @property
+    def reason(self) -> str | None:
+        return self.fail_reason or self.prune_reason
+
+    @property
+    def backend(self) -> str | None:
+        return self.latencies[0].backend if self.latencies else None
+
+    @property
+    def latency_measured(self) -> bool:
+        return bool(self.latencies) and all(lat.measured for lat in self.latencies)
+
+    def train_value(self, name: str):
+        """One figure of the training summary (val_loss, mqar_accuracy, wall_s, tokens_per_s, ...)."""
+        return self.train.get(name)
+
+    @classmethod
+    def from_trial(cls, trial) -> "TrialRecord":
+        """An Optuna FrozenTrial (or a live Trial's stored state) as a record."""
+        attrs = trial.user_attrs
+        spec = AttentionSpec.from_dict(attrs[SPEC]) if attrs.get(SPEC) else None
+        fp = Fingerprint.from_dict(attrs[FINGERPRINT]) if attrs.get(FINGERPRINT) else None
+        timing = attrs.get(TIMING) or []
+        source = attrs.get(LATENCY_SOURCE)
+        fp_id = next((row.get("fingerprint_id") for row in timing if row.get("fingerprint_id")), None)
+        duration = getattr(trial, "duration", None)
+        values = getattr(trial, "values", None)
+        return cls(
+            number=trial.number, state=trial.state.name, values=tuple(values) if values else None,
+            params=dict(trial.params), spec=spec, label=attrs.get(LABEL), variant=attrs.get(VARIANT),
+            family=attrs.get(FAMILY), quality=attrs.get(QUALITY), latency_s=attrs.get(LATENCY_S),
+            latency_source=source, latencies=[_latency_from_stored(row, source, fp) for row in timing],
+            fingerprint=fp, fingerprint_id=fp_id, kv_cache_bytes=attrs.get(KV_CACHE_BYTES),
+            n_params=attrs.get(N_PARAMS), train=dict(attrs.get(TRAIN) or {}), duplicate_of=attrs.get(DUPLICATE_OF),
+            anchor=attrs.get(ANCHOR), retry_of=attrs.get(RETRY_OF), fail_reason=attrs.get(FAIL_REASON),
+            prune_reason=attrs.get(PRUNE_REASON), datetime_start=getattr(trial, "datetime_start", None),
+            duration_s=duration.total_seconds() if duration else None,
+        )
+
+
+def read_records(study) -> list[TrialRecord]:
+    """Every trial of an Optuna study, in trial order."""
+    return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False)]
