@@ -35,18 +35,15 @@ by the caller's ``callback`` (``optuna.TrialPruned``, ...) pass through untouche
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +60,7 @@ from .data import (
     val_batches,
 )
 from ..layer.model import MODEL_PRESETS, ModelConfig, ProxyLM
-from ..layer.spec import AttentionSpec, SpecError, variant_display_name
+from ..layer.spec import AttentionSpec
 from ..errors import UserError
 
 __all__ = [
@@ -77,7 +74,8 @@ __all__ = [
     "masked_accuracy",
     "mask_tokens",
     "lr_at",
-    "discrimination_experiment",
+    "resolve_data",
+    "json_safe",
 ]
 
 TASKS = ("lm", "mqar", "lm+mqar")
@@ -87,7 +85,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The default budget: one quickstart trial (d_model=128, H=8, 4 layers, task "lm": 187 steps
 # of 8 x 128 tokens) in about 30 s on a quiet 2-core CPU, evaluation included. Measured on a
 # shared machine with one thread: 40 s, ~5,400 tokens/s for MHA. With it, xSMQA's val loss sits
-# apart from MHA's by more than twice the seed spread; see discrimination_experiment.
+# apart from MHA's by more than twice the seed spread; see benchmarks/quality_discrimination.py.
 DEFAULT_BUDGET_TOKENS = 192_000
 
 # MQAR small enough that the quickstart model can get off the 1/n_pairs plateau within ~200
@@ -324,24 +322,25 @@ class TrainResult:
         d["label"] = self.spec.label
         d["loss_curve"] = [[s, v] for s, v in self.loss_curve]
         d["mqar_loss_curve"] = [[s, v] for s, v in self.mqar_loss_curve]
-        return _json_safe(d)
+        return json_safe(d)
 
 
-def _json_safe(obj):
+def json_safe(obj):
+    """``obj`` as plain JSON values; non-finite floats become None."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
+        return {str(k): json_safe(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
+        return [json_safe(v) for v in obj]
     if isinstance(obj, (str, int, bool)) or obj is None:
         return obj
     if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     if hasattr(obj, "item"):  # numpy scalars
-        return _json_safe(obj.item())
+        return json_safe(obj.item())
     if dataclasses.is_dataclass(obj):
-        return _json_safe(dataclasses.asdict(obj))
+        return json_safe(dataclasses.asdict(obj))
     return str(obj)
 
 
@@ -420,7 +419,7 @@ def _model_config(spec: AttentionSpec, model, vocab_size: int) -> ModelConfig:
     )
 
 
-def _resolve_data(data) -> TokenData:
+def resolve_data(data) -> TokenData:
     """``data``: a TokenData, a source load_tokens understands (path, 'builtin', 'hf:NAME',
     TextSource), or None for the builtin corpus. Raises DataError for an unusable source."""
     if isinstance(data, TokenData):
@@ -804,7 +803,7 @@ def train_spec(
         raise TrainError(f"train_config={cfg!r} is not allowed: must be a TrainConfig or None")
     if callback is not None and not callable(callback):
         raise TrainError(f"callback={callback!r} is not allowed: must be callable(step, metrics) or None")
-    tokens = _resolve_data(data) if "lm" in cfg.tasks else None
+    tokens = resolve_data(data) if "lm" in cfg.tasks else None
     plans = [_plan(spec, task, cfg, model, tokens) for task in cfg.tasks]
 
     result = TrainResult(
@@ -843,160 +842,3 @@ def train_spec(
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# The discrimination experiment: does the default budget tell variants apart?
-# ---------------------------------------------------------------------------------------------
-
-DISCRIMINATION_VARIANTS = ("mha", "gqa", "sqa", "ssqa", "xsqa", "xsmqa")
-
-
-def discrimination_experiment(
-    variants: Sequence[str] = DISCRIMINATION_VARIANTS,
-    seeds: Sequence[int] = (0, 1, 2),
-    train_config: TrainConfig | None = None,
-    preset: str = "quickstart",
-    data=None,
-    out=None,
-    progress: bool = False,
-) -> dict:
-    """Train each named variant of the preset's size with each seed; print and return a table
-    of mean and spread (sample standard deviation over seeds) of val loss and MQAR accuracy,
-    and whether MHA and xSMQA are apart by more than twice the larger of their spreads."""
-    out = out or sys.stdout
-    cfg = train_config or TrainConfig()
-    size = MODEL_PRESETS[preset]
-    tokens = _resolve_data(data) if "lm" in cfg.tasks else None
-    rows: dict[str, dict] = {}
-    runs = []
-    for name in variants:
-        spec = AttentionSpec.variant(name, size["d_model"], size["n_heads"])
-        per_seed = []
-        for seed in seeds:
-            r = train_spec(spec, preset, cfg.replace(seed=seed), data=tokens, progress=progress)
-            per_seed.append(r)
-            runs.append(r.to_dict())
-            print(
-                f"  {spec.label:<16} seed {seed}: status={r.status} val_loss={_fmt(r.val_loss)} "
-                f"mqar_acc={_fmt(r.mqar_accuracy)} wall={r.wall_s:.1f}s tok/s={r.tokens_per_s:,.0f}",
-                file=out, flush=True,
-            )
-        rows[name] = _summarise(spec, per_seed)
-    print(_table(rows), file=out, flush=True)
-    verdict = _separation(rows)
-    for line in verdict["lines"]:
-        print(line, file=out, flush=True)
-    return {"rows": rows, "separation": verdict, "runs": runs, "train_config": cfg.to_dict(), "preset": preset}
-
-
-def _stats(values: list) -> tuple[float | None, float | None]:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    if not values:
-        return None, None
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _summarise(spec: AttentionSpec, results: list[TrainResult]) -> dict:
-    vl_mean, vl_sd = _stats([r.val_loss for r in results])
-    mq_mean, mq_sd = _stats([r.mqar_accuracy for r in results])
-    return {
-        "label": spec.label,
-        "val_loss_mean": vl_mean,
-        "val_loss_sd": vl_sd,
-        "mqar_acc_mean": mq_mean,
-        "mqar_acc_sd": mq_sd,
-        "wall_s_mean": statistics.fmean(r.wall_s for r in results),
-        "tokens_per_s_mean": statistics.fmean(r.tokens_per_s for r in results),
-        "statuses": [r.status for r in results],
-        "val_loss": [r.val_loss for r in results],
-        "mqar_acc": [r.mqar_accuracy for r in results],
-    }
-
-
-def _fmt(v, digits=4) -> str:
-    return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _table(rows: dict) -> str:
-    head = f"{'variant':<16} {'val_loss':>8} {'± sd':>7} {'mqar_acc':>9} {'± sd':>7} {'wall_s':>7} {'tok/s':>8}"
-    lines = [head, "-" * len(head)]
-    for row in rows.values():
-        lines.append(
-            f"{row['label']:<16} {_fmt(row['val_loss_mean']):>8} {_fmt(row['val_loss_sd']):>7} "
-            f"{_fmt(row['mqar_acc_mean'], 3):>9} {_fmt(row['mqar_acc_sd'], 3):>7} "
-            f"{row['wall_s_mean']:>7.1f} {row['tokens_per_s_mean']:>8,.0f}"
-        )
-    return "\n".join(lines)
-
-
-def _separation(rows: dict, a: str = "mha", b: str = "xsmqa") -> dict:
-    lines, apart = [], {}
-    if a not in rows or b not in rows:
-        return {"lines": [f"separation: needs both {a} and {b} in the variants"], "apart": apart}
-    for metric in ("val_loss", "mqar_acc"):
-        ma, mb = rows[a][f"{metric}_mean"], rows[b][f"{metric}_mean"]
-        sa, sb = rows[a][f"{metric}_sd"], rows[b][f"{metric}_sd"]
-        if None in (ma, mb, sa, sb):
-            continue
-        gap, spread = abs(ma - mb), max(sa, sb)
-        apart[metric] = gap > 2 * spread
-        lines.append(
-            f"{metric}: |{variant_display_name(a)} - {variant_display_name(b)}| = {gap:.4f}, "
-            f"2 x spread = {2 * spread:.4f} -> {'apart' if apart[metric] else 'NOT apart'}"
-        )
-    lines.append(f"discriminates: {any(apart.values())}")
-    return {"lines": lines, "apart": apart, "discriminates": any(apart.values())}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sqa_search.quality.train", description=__doc__.splitlines()[0])
-    parser.add_argument("--discrimination", action="store_true", help="run the discrimination experiment")
-    parser.add_argument("--variant", default="mha", help="variant for a single trial (default mha)")
-    parser.add_argument("--variants", default=",".join(DISCRIMINATION_VARIANTS))
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--preset", default="quickstart", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--task", default=None, choices=TASKS)
-    parser.add_argument("--budget-tokens", type=int, default=None)
-    parser.add_argument("--budget-steps", type=int, default=None)
-    parser.add_argument("--budget-seconds", type=float, default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data", default=None, help="data source: a path, 'builtin' or 'hf:NAME'")
-    parser.add_argument("--json", default=None, help="write the results as JSON to this file")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    overrides: dict[str, Any] = {
-        k: v for k, v in {
-            "budget_tokens": args.budget_tokens, "budget_steps": args.budget_steps,
-            "budget_seconds": args.budget_seconds, "threads": args.threads, "seed": args.seed,
-        }.items() if v is not None
-    }
-    if args.task:
-        overrides["task"] = args.task
-    try:
-        cfg = TrainConfig(**overrides)
-        if args.discrimination:
-            seeds = [int(s) for s in args.seeds.split(",") if s]
-            variants = [v for v in args.variants.split(",") if v]
-            report = discrimination_experiment(variants, seeds, cfg, args.preset, data=args.data,
-                                               progress=not args.no_progress)
-        else:
-            size = MODEL_PRESETS[args.preset]
-            spec = AttentionSpec.variant(args.variant, size["d_model"], size["n_heads"])
-            res = train_spec(spec, args.preset, cfg, data=args.data, progress=False if args.no_progress else None)
-            report = res.to_dict()
-            keys = ("status", "reason", "steps", "tokens", "wall_s", "tokens_per_s", "train_loss", "val_loss",
-                    "val_ppl", "val_acc", "mqar_accuracy", "backend")
-            print(json.dumps({k: report[k] for k in keys}, indent=1))
-    except (TrainError, DataError, SpecError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(_json_safe(report), f, indent=1)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
