@@ -1,4 +1,5 @@
-"""Tests for sqa_search.quality.data: real text, real files, no network, no mocks of our own code."""
+"""Tests for the data of the quality trials (corpus, tokenizer, tokens, mqar): real text, real files,
+no network, no mocks of our own code."""
 
 from __future__ import annotations
 
@@ -10,20 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from sqa_search.quality import data
-from sqa_search.quality.data import (
-    IGNORE_INDEX,
-    DataError,
-    MQARConfig,
-    TextSource,
-    get_tokenizer,
-    lm_batch,
-    load_text,
-    load_tokens,
-    mqar_batch,
-    parse_source,
-    val_batches,
-)
+from sqa_search.quality import tokens as token_cache
+from sqa_search.quality.corpus import TextSource, load_text, parse_source
+from sqa_search.quality.errors import DataError
+from sqa_search.quality.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
+from sqa_search.quality.tokenizer import Tokenizer, get_tokenizer
+from sqa_search.quality.tokens import lm_batch, load_tokens, val_batches
 
 ENGLISH = (
     "The quick brown fox jumps over the lazy dog. It is a sentence that uses every letter of the "
@@ -75,8 +68,8 @@ def test_builtin_split_is_deterministic_and_disjoint(builtin_docs, builtin_token
     assert np.array_equal(again.train, td.train) and np.array_equal(again.val, td.val)
     # Each long document sits wholly on one side and never on the other.
     train_bytes, val_bytes = td.train.astype(np.uint8).tobytes(), td.val.astype(np.uint8).tobytes()
-    val_docs = [d for d in builtin_docs if data._is_val(d, 0.05) and len(d) > 300][:5]
-    train_docs = [d for d in builtin_docs if not data._is_val(d, 0.05) and len(d) > 300][:5]
+    val_docs = [d for d in builtin_docs if token_cache._is_val(d, 0.05) and len(d) > 300][:5]
+    train_docs = [d for d in builtin_docs if not token_cache._is_val(d, 0.05) and len(d) > 300][:5]
     assert val_docs and train_docs
     for d in val_docs:
         assert d.encode() in val_bytes and d.encode() not in train_bytes
@@ -156,7 +149,7 @@ def test_cache_is_reused_and_invalidated_when_the_file_changes(tmp_path):
 
 def test_cache_dir_from_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SQA_SEARCH_CACHE", str(tmp_path / "root"))
-    assert data.default_cache_dir() == tmp_path / "root" / "tokens"
+    assert token_cache.default_cache_dir() == tmp_path / "root" / "tokens"
     src = _write(tmp_path / "a.txt", ENGLISH * 10)
     td = load_tokens(src)
     assert (tmp_path / "root" / "tokens" / f"a.txt-{td.cache_key}.json").exists()
@@ -174,7 +167,7 @@ def test_a_crash_while_tokenising_leaves_no_partial_cache(tmp_path):
             raise RuntimeError("simulated crash")
         return [np.frombuffer(t.encode(), dtype=np.uint8) for t in texts]
 
-    flaky = data.Tokenizer("flaky", 256, encode_batch, lambda ids: bytes(ids).decode())
+    flaky = Tokenizer("flaky", 256, encode_batch, lambda ids: bytes(ids).decode())
     cache = tmp_path / "cache"
     with pytest.raises(RuntimeError, match="simulated crash"):
         load_tokens(str(folder), tokenizer=flaky, cache_dir=cache)

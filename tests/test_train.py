@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 import sqa_search.quality.train as train_mod
-from sqa_search.quality.data import IGNORE_INDEX, DataError, MQARConfig, load_tokens, mqar_batch
+from sqa_search.quality.errors import DataError
+from sqa_search.quality.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
+from sqa_search.quality.tokens import load_tokens
 from sqa_search.layer.spec import AttentionSpec
 from sqa_search.quality.train import (
     TrainConfig,

@@ -2,14 +2,14 @@
 
 Two tasks, each its own short training run from the same seed:
 
-* ``lm``: language modelling on real text (`sqa_search.quality.data`). A causal spec trains next-token
+* ``lm``: language modelling on real text (`sqa_search.quality.tokens`). A causal spec trains next-token
   prediction; a bidirectional spec (an encoder) trains a masked-token objective: 15% of the
   positions are replaced by a reserved ``[MASK]`` id (one past the tokenizer's vocabulary, so it
   never collides with a real token) and only those positions are predicted. No 80/10/10 split:
   the objective is a yardstick for comparing heads, not a pretraining recipe.
   Reported: ``val_loss``, ``val_ppl``, ``val_acc`` (next-token, or masked-token, accuracy) on a
   fixed, held-out slice of the corpus.
-* ``mqar``: multi-query associative recall on synthetic data (`sqa_search.quality.data.mqar_batch`),
+* ``mqar``: multi-query associative recall on synthetic data (`sqa_search.quality.mqar.mqar_batch`),
   trained with the same model shape and the same budget. Reported: ``mqar_accuracy``, the
   accuracy over the queried positions only, on fixed held-out sequences.
 * ``lm+mqar``: both, one after the other; each task gets the whole budget (so twice the time).
@@ -48,17 +48,10 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from .data import (
-    IGNORE_INDEX,
-    DataError,
-    MQARConfig,
-    TextSource,
-    TokenData,
-    load_tokens,
-    lm_batch,
-    mqar_batch,
-    val_batches,
-)
+from .corpus import TextSource
+from .errors import DataError
+from .mqar import IGNORE_INDEX, MQARConfig, mqar_batch
+from .tokens import TokenData, lm_batch, load_tokens, val_batches
 from ..layer.model import MODEL_PRESETS, ModelConfig, ProxyLM
 from ..layer.spec import AttentionSpec
 from ..errors import UserError
