@@ -21,8 +21,11 @@ from typing import Any, Sequence
 
 from sqa_search.layer.model import MODEL_PRESETS
 from sqa_search.layer.spec import AttentionSpec, SpecError, variant_display_name
-from sqa_search.quality.data import DataError
-from sqa_search.quality.train import TASKS, TrainConfig, TrainError, TrainResult, json_safe, resolve_data, train_spec
+from sqa_search.quality.config import TASKS, TrainConfig, TrainError
+from sqa_search.quality.errors import DataError
+from sqa_search.quality.plan import resolve_data
+from sqa_search.quality.result import TrainResult, json_safe
+from sqa_search.quality.train import train_spec
 
 __all__ = ["DISCRIMINATION_VARIANTS", "discrimination_experiment", "main"]
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import sqa_search.quality.plan as plan_mod
 import sqa_search.quality.train as train_mod
 from sqa_search.quality.errors import DataError
 from sqa_search.quality.mqar import IGNORE_INDEX, MQARConfig, mqar_batch
@@ -160,7 +161,7 @@ def test_mqar_task_needs_no_text(monkeypatch):
     def no_text(*a, **k):
         raise AssertionError("text was loaded for an MQAR-only trial")
 
-    monkeypatch.setattr(train_mod, "load_tokens", no_text)
+    monkeypatch.setattr(plan_mod, "load_tokens", no_text)  # where train_spec resolves its data
     r = train_spec(tiny_spec(), TINY_MODEL, tiny_config(task="mqar"), progress=False)
     assert r.ok and r.val_loss is None and 0.0 <= r.mqar_accuracy <= 1.0
 
