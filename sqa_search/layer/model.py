@@ -7,7 +7,6 @@ an encoder otherwise. One file, no framework layers between the reader and the m
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,9 +47,6 @@ class ModelConfig:
     @property
     def causal(self) -> bool:
         return self.attention.causal
-
-    def with_attention(self, spec: AttentionSpec) -> "ModelConfig":
-        return dataclasses.replace(self, attention=spec)
 
     def n_params(self) -> int:
         """Parameters of the model, analytically (tied embedding counted once)."""
