@@ -86,7 +86,7 @@ class ExportResult:
 # torch and each other), their imports of each other and repeated `from __future__` lines dropped,
 # then the configuration and `load()` are appended. tests/test_export.py runs the result in a fresh
 # interpreter that cannot import sqa_search and compares it with the library layer.
-LAYER_MODULES = ("spec", "masks", "attention")  # inlined in this order
+LAYER_MODULES = ("spec", "masks", "rope", "attention")  # inlined in this order
 
 
 def _module_source(name: str) -> str:

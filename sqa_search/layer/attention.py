@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
+from .rope import apply_rope, pair_halves, rope_paired, rope_tables, rotation_factors
 from .masks import FLEX_BLOCK, BlockedLayout, Visibility, flex_kv_blocks, visibility_mask
 from .spec import AttentionSpec, SpecError
 
@@ -44,55 +45,8 @@ __all__ = ["SparseQueryAttention", "KVCache", "FlexFallbackError", "apply_rope",
 BACKENDS = ("auto", "sdpa", "blocked", "flex", "flex-eager")
 # Inductor's CPU and CUDA flex kernels are not implemented below this head size (torch 2.13).
 FLEX_MIN_HEAD_DIM = 16
-ROPE_BASE = 10000.0
 
 _SDP_KERNELS = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
-
-
-# ----- RoPE ----------------------------------------------------------------------------------
-def rope_tables(positions: torch.Tensor, head_dim: int, dtype: torch.dtype):
-    """cos, sin of shape (len(positions), head_dim) for the rotate-half (GPT-NeoX) layout.
-
-    Angles are computed in float32 (float64 for float64 inputs): low-precision angles drift
-    visibly at long positions.
-    """
-    exact = torch.float64 if dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (ROPE_BASE ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=exact) / head_dim))
-    angles = positions.to(exact)[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (..., N, head_dim); cos/sin: (N, head_dim)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
-
-
-def _pair_halves(n_heads: int, head_dim: int) -> torch.Tensor:
-    """Output rows of a q/k projection reordered so each head's dims i and i + head_dim/2 (the
-    pair rotate-half RoPE rotates together) sit side by side: (i, i + half) -> (2i, 2i + 1)."""
-    half = head_dim // 2
-    per_head = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
-    return (torch.arange(n_heads)[:, None] * head_dim + per_head[None, :]).flatten()
-
-
-def _rotation(positions: torch.Tensor, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """RoPE's complex factors cos + i sin, (len(positions), head_dim / 2), for `_rope_paired`."""
-    cos, sin = rope_tables(positions, head_dim, torch.float64 if dtype == torch.float64 else torch.float32)
-    half = head_dim // 2
-    return torch.complex(cos[:, :half], sin[:, :half])
-
-
-def _rope_paired(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE on x (..., N, H, head_dim) whose dims are in `_pair_halves` order: one
-    complex multiply per pair instead of the eager formula's neg, cat, two muls and an add.
-    Exactly apply_rope's rotation: (a + ib)(cos + i sin) = (a cos - b sin) + i(a sin + b cos)."""
-    half = x.shape[-1] // 2
-    exact = x if x.dtype in (torch.float32, torch.float64) else x.float()  # no complex bf16/fp16
-    rotated = torch.view_as_real(torch.view_as_complex(exact.unflatten(-1, (half, 2))) * rotation[:, None, :])
-    return rotated.flatten(-2).to(x.dtype)
 
 
 # ----- helpers -------------------------------------------------------------------------------
@@ -164,11 +118,11 @@ class SparseQueryAttention(nn.Module):
             self.global_tokens = nn.Parameter(torch.randn(spec.n_global, d) * 0.02)
         else:
             self.register_parameter("global_tokens", None)
-        # With RoPE, q and k are projected with their output rows reordered (_pair_halves) so that
+        # With RoPE, q and k are projected with their output rows reordered (pair_halves) so that
         # RoPE is one complex multiply. Scores are sums over head dims, so the order of dims,
         # the same for q and k, changes nothing; v and the output projection keep theirs.
-        q_order = _pair_halves(spec.n_q_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
-        k_order = _pair_halves(spec.n_kv_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
+        q_order = pair_halves(spec.n_q_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
+        k_order = pair_halves(spec.n_kv_heads, hd) if spec.rope else torch.zeros(0, dtype=torch.long)
         self.register_buffer("_q_order", q_order, persistent=False)
         self.register_buffer("_k_order", k_order, persistent=False)
         self.register_buffer("_kv_index", torch.tensor(spec.kv_head_of_query), persistent=False)
@@ -195,7 +149,7 @@ class SparseQueryAttention(nn.Module):
             t = F.linear(x, proj.weight.index_select(0, order), bias)
         t = t.unflatten(-1, (n_heads, self.spec.head_dim))
         if rotation is not None:
-            t = _rope_paired(t, rotation)
+            t = rope_paired(t, rotation)
         return t.transpose(1, 2)
 
     # rotation: `_rotation` of the tokens' positions (None: no RoPE)
@@ -206,7 +160,7 @@ class SparseQueryAttention(nn.Module):
         return self._project_qk(x, self.k_proj, self._k_order, self.spec.n_kv_heads, rotation)
 
     def _rotation(self, positions, dtype):
-        return None if not self.spec.rope else _rotation(positions, self.spec.head_dim, dtype)
+        return None if not self.spec.rope else rotation_factors(positions, self.spec.head_dim, dtype)
 
     # -- shapes --
     def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:

@@ -81,7 +81,7 @@ DEFAULT_WINDOW = 128
 DEFAULT_GLOBAL_TOKENS = 4
 
 
-def _variant_heads(key: str, h: int) -> tuple[int, int]:
+def variant_heads(key: str, h: int) -> tuple[int, int]:
     q, kv = {
         "mha": lambda: (h, h),
         "gqa": lambda: (h, _frac(h, 1, 4, "gqa", "n_kv_heads")),
@@ -169,7 +169,7 @@ class AttentionSpec:
         """
         key = normalise_variant(name)
         _require_int("n_heads", n_heads, 1)
-        n_q, n_kv = _variant_heads(key, n_heads)
+        n_q, n_kv = variant_heads(key, n_heads)
         fields = {"n_q_heads": n_q, "n_kv_heads": n_kv}
         if key == "swsqa":
             fields["window"] = DEFAULT_WINDOW
@@ -221,7 +221,7 @@ class AttentionSpec:
             return "flexsqa" if self.window is not None else None
         for key in ("mha", "gqa", "mqa", "sqa", "ssqa", "xsqa", "xsmqa", "lsqa", "rsqa"):
             try:
-                heads = _variant_heads(key, self.n_heads)
+                heads = variant_heads(key, self.n_heads)
             except SpecError:
                 continue
             if heads == (self.n_q_heads, self.n_kv_heads):

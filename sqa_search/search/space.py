@@ -60,7 +60,7 @@ from typing import Any
 
 import yaml
 
-from ..layer.spec import VARIANTS, AttentionSpec, SpecError, _variant_heads
+from ..layer.spec import VARIANTS, AttentionSpec, SpecError, variant_heads
 from ..errors import UserError
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype"]
@@ -215,7 +215,7 @@ class SearchSpace:
         out = []
         for name in s.variants:
             try:
-                q, kv = _variant_heads(name, m.n_heads)
+                q, kv = variant_heads(name, m.n_heads)
             except SpecError:
                 continue
             windows = [w for w in s.window if w is not None] if name in ("swsqa", "flexsqa") else [None]
