@@ -12,7 +12,7 @@ from sqa_search.decide.recommend import (
     PAPER_CITATION,
     PAPER_QUALITY,
     RecommendError,
-    _same_hardware,
+    same_hardware,
     parse_bytes,
     parse_tolerance,
     recommend,
@@ -155,11 +155,11 @@ def test_device_names_match_profiles():
     h100, a100_40, a100_80 = load_profile("h100-sxm"), load_profile("a100-40gb"), load_profile("a100-80gb")
     gib = 2 ** 30
     fp = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "gpu_memory_bytes": int(79.1 * gib)}
-    assert _same_hardware(fp, h100) and not _same_hardware(fp, a100_80)
+    assert same_hardware(fp, h100) and not same_hardware(fp, a100_80)
     fp = {"device_type": "cuda", "device_name": "NVIDIA A100-SXM4-40GB", "gpu_memory_bytes": int(39.4 * gib)}
-    assert _same_hardware(fp, a100_40) and not _same_hardware(fp, a100_80)
-    assert not _same_hardware({"device_type": "cuda", "device_name": "NVIDIA H100 PCIe"}, h100)
-    assert not _same_hardware({"device_type": "cpu", "device_name": "AMD EPYC"}, h100)
+    assert same_hardware(fp, a100_40) and not same_hardware(fp, a100_80)
+    assert not same_hardware({"device_type": "cuda", "device_name": "NVIDIA H100 PCIe"}, h100)
+    assert not same_hardware({"device_type": "cpu", "device_name": "AMD EPYC"}, h100)
 
 
 # ----- with a study -------------------------------------------------------------------------------
