@@ -15,7 +15,7 @@ _PUBLIC = {
     "SparseQueryAttention": "layer.attention",
     "ModelConfig": "layer.model",
     "ProxyLM": "layer.model",
-    "load_layer": "decide.export",
+    "load_layer": "decide.load",
 }
 __all__ = list(_PUBLIC)
 

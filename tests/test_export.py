@@ -15,16 +15,15 @@ import pytest
 import torch
 
 from sqa_search.layer.attention import SparseQueryAttention
+from sqa_search.cli.export import add_arguments
 from sqa_search.decide.export import (
     ExportError,
-    add_arguments,
     export_layer,
     export_trial,
     load_layer,
-    parse_pick,
-    parse_spec,
-    select_trial,
 )
+from sqa_search.decide.parse import parse_pick, parse_spec
+from sqa_search.decide.pick import select_trial
 from sqa_search.layer.spec import VARIANTS, AttentionSpec
 from study_helpers import fake_study
 
@@ -224,13 +223,13 @@ def test_exported_module_is_the_library_source_inlined():
     import inspect
 
     from sqa_search.layer import attention, spec as spec_module
-    from sqa_search.decide.export import LAYER_MODULES, _module_source, render_module
+    from sqa_search.decide.layer_source import LAYER_MODULES, module_source, render_module
 
     text = render_module(AttentionSpec.variant("swsqa", D, H, window=8))
     # the library's layer and spec classes appear verbatim, in the order spec, masks, attention
     assert inspect.getsource(attention.SparseQueryAttention) in text
     assert inspect.getsource(spec_module.AttentionSpec) in text
-    present = [m for m in LAYER_MODULES if _module_source(m) is not None]
+    present = [m for m in LAYER_MODULES if module_source(m) is not None]
     banners = [text.index(f"inlined from sqa_search/layer/{m}.py") for m in present]
     assert present[0] == "spec" and present[-1] == "attention" and banners == sorted(banners)
     # no import of the package is left, and only one `from __future__` line
@@ -243,7 +242,7 @@ def test_exported_module_is_the_library_source_inlined():
 
 
 def test_inlining_rewrites_relative_imports_and_refuses_the_package():
-    from sqa_search.decide.export import _inline
+    from sqa_search.decide.layer_source import inline
 
     src = textwrap.dedent("""\
         from __future__ import annotations
@@ -254,12 +253,12 @@ def test_inlining_rewrites_relative_imports_and_refuses_the_package():
             from .masks import window
         x = 1
     """)
-    out = _inline("attention", src)
+    out = inline("attention", src)
     assert "from ." not in out and "__future__" not in out
     assert "_causal = causal" in out and "    pass" in out and out.rstrip().endswith("x = 1")
     compile(out, "inlined", "exec")
     with pytest.raises(ExportError, match="attention.py line 1 imports sqa_search itself"):
-        _inline("attention", "from sqa_search.layer.spec import AttentionSpec\n")
+        inline("attention", "from sqa_search.layer.spec import AttentionSpec\n")
 
 
 # ----- torch.export ----------------------------------------------------------------------------
@@ -552,7 +551,7 @@ def test_provenance_with_quotes_and_backslashes_stays_text():
     end it or become escapes (a SyntaxError in the user's file)."""
     import ast
 
-    from sqa_search.decide.export import render_module
+    from sqa_search.decide.layer_source import render_module
 
     provenance = 'study a"""b, path C:\\x\\U1, end"""'
     source = render_module(AttentionSpec.variant("sqa", D, H), provenance=provenance)

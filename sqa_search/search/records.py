@@ -76,6 +76,7 @@ class TrialRecord:
     latency_s: float | None = None  # summed over the target's sequence lengths
     latency_source: str | None = None  # the words stored with it ("measured on ...", "predicted for ...")
     latencies: list[Latency] = field(default_factory=list)  # one per sequence length
+    timing_rows: list[dict] = field(default_factory=list)  # the stored rows verbatim (an export's config copies them)
     fingerprint: Fingerprint | None = None
     fingerprint_id: str | None = None
     kv_cache_bytes: int | None = None
@@ -87,6 +88,7 @@ class TrialRecord:
     fail_reason: str | None = None
     prune_reason: str | None = None
     datetime_start: object = None
+    datetime_complete: object = None  # an export's provenance dates the trial by its end
     duration_s: float | None = None
 
     @property
@@ -130,10 +132,12 @@ class TrialRecord:
             params=dict(trial.params), spec=spec, label=attrs.get(LABEL), variant=attrs.get(VARIANT),
             family=attrs.get(FAMILY), quality=attrs.get(QUALITY), latency_s=attrs.get(LATENCY_S),
             latency_source=source, latencies=[_latency_from_stored(row, source, fp) for row in timing],
+            timing_rows=[dict(row) for row in timing],
             fingerprint=fp, fingerprint_id=fp_id, kv_cache_bytes=attrs.get(KV_CACHE_BYTES),
             n_params=attrs.get(N_PARAMS), train=dict(attrs.get(TRAIN) or {}), duplicate_of=attrs.get(DUPLICATE_OF),
             anchor=attrs.get(ANCHOR), retry_of=attrs.get(RETRY_OF), fail_reason=attrs.get(FAIL_REASON),
             prune_reason=attrs.get(PRUNE_REASON), datetime_start=getattr(trial, "datetime_start", None),
+            datetime_complete=getattr(trial, "datetime_complete", None),
             duration_s=duration.total_seconds() if duration else None,
         )
 
