@@ -556,3 +556,21 @@ def test_provenance_with_quotes_and_backslashes_stays_text():
     provenance = 'study a"""b, path C:\\x\\U1, end"""'
     source = render_module(AttentionSpec.variant("sqa", D, H), provenance=provenance)
     assert provenance in ast.get_docstring(ast.parse(source))
+
+
+def test_another_objective_of_a_study_is_in_the_readme_and_config(tmp_path, monkeypatch):
+    """A study objective beyond quality, latency and KV cache (peak memory, next) is listed with the
+    others, without an edit to decide/."""
+    from sqa_search.decide import objectives
+
+    declared = objectives.objectives_in_use
+
+    def with_memory(space):
+        return declared(space) + [objectives.ObjectiveView(
+            "peak_memory_bytes", "minimize", lambda r: 1000 * (r.number + 1), lambda v: f"{v} B")]
+
+    monkeypatch.setattr(objectives, "objectives_in_use", with_memory)
+    res = export_trial(_fake_study(tmp_path, ROWS), tmp_path / "out", trial=2)
+    assert "| peak_memory_bytes | 3000 B | objective of study 'fake' |" in res.readme_path.read_text()
+    assert json.loads(res.config_path.read_text())["figures"]["peak_memory_bytes"] == 3000
+    assert "peak_memory_bytes: 3000 B" in res.module_path.read_text()

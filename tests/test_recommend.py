@@ -241,3 +241,30 @@ def test_real_study_measured_here(tmp_path, capsys):
     out = capsys.readouterr().out
     print(out)
     assert "PREDICTED" in out and "not on the target NVIDIA H100" in out and "loss:study speed:predicted" in out
+
+
+def test_another_objective_of_a_study_gets_a_column(tmp_path, monkeypatch):
+    """A study objective beyond loss, latency and KV cache (peak memory, next) shows up in the table,
+    the JSON and the export without an edit to decide/: its figures come from the objectives list."""
+    from sqa_search.decide import objectives
+
+    declared = objectives.objectives_in_use
+
+    def with_memory(space):
+        return declared(space) + [objectives.ObjectiveView(
+            "peak_memory_bytes", "minimize", lambda r: 1000 * (r.number + 1), lambda v: f"{v} B")]
+
+    monkeypatch.setattr(objectives, "objectives_in_use", with_memory)
+    folder = fake_study(tmp_path, ROWS, _here())
+    rec = recommend("local", study=folder, device="cpu")
+    table = rec.table()
+    assert "peak_memory_bytes" in table.splitlines()[0]
+    assert "3000 B" in next(line for line in table.splitlines() if "SQA 4q/2kv" in line)  # trial 2
+    assert rec.to_dict()["choice"]["other_objectives"][0]["value"] == 3000
+    # without a study there is no such figure, and no column
+    assert "peak_memory_bytes" not in recommend("h100", seq_len=1024).table()
+    assert "other_objectives" not in recommend("h100", seq_len=1024).to_dict()["choice"]
+    from sqa_search.decide.export import export_recommendation
+
+    readme = export_recommendation(rec, tmp_path / "e").readme_path.read_text()
+    assert "| peak_memory_bytes | 3000 B | study 'fake' trial 2 |" in readme
