@@ -252,6 +252,7 @@ def _trial_source(handle, rec: TrialRecord, reason: str) -> dict:
     """Where a study's trial came from: the study, the trial, the machine, the target, the model."""
     space, target = handle.space, handle.space.target
     fp = rec.fingerprint
+    latency_words = rec.latency_source if rec.latency_source is not None else "not measured"
     return {
         "origin": f"study {space.name!r}",
         "study": space.name,
@@ -259,7 +260,7 @@ def _trial_source(handle, rec: TrialRecord, reason: str) -> dict:
         "trial": rec.number,
         "chosen_by": reason,
         "fingerprint": (f"{fp.device_name or fp.device_type}, torch {fp.torch_version}, {fp.threads} threads"
-                        if fp else f"none (latency {rec.latency_source if rec.latency_source is not None else 'not measured'})"),
+                        if fp else f"none (latency {latency_words})"),
         "fingerprint_id": rec.fingerprint_id,
         "trial_date": rec.datetime_complete.strftime("%Y-%m-%d %H:%M") if rec.datetime_complete else None,
         "target": (f"{target.hardware}, {target.mode}, {target.dtype}, batch {target.batch}, "

@@ -1,10 +1,11 @@
 """The exported standalone module's source, generated from the library's own layer source, so there
 is one implementation.
 
-spec.py, masks.py, rope.py and attention.py (LAYER_MODULES) are inlined in that order (they import only the standard
-library, torch and each other), their imports of each other and repeated `from __future__` lines
-dropped, then the configuration and `load()` are appended. tests/test_export.py runs the result in
-a fresh interpreter that cannot import sqa_search and compares it with the library layer.
+spec.py, masks.py, rope.py and attention.py (LAYER_MODULES) are inlined in that order (they import
+only the standard library, torch and each other), their imports of each other and repeated
+`from __future__` lines dropped, then the configuration and `load()` are appended.
+tests/test_export.py runs the result in a fresh interpreter that cannot import sqa_search and
+compares it with the library layer.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def library_layer_source() -> str:
     """The LAYER_MODULES inlined into one source text (see above)."""
     parts = []
     for name in LAYER_MODULES:
-        parts.append(f"# {'=' * 30} inlined from sqa_search/layer/{name}.py {'=' * 30}\n" + inline(name, module_source(name)))
+        banner = f"# {'=' * 30} inlined from sqa_search/layer/{name}.py {'=' * 30}\n"
+        parts.append(banner + inline(name, module_source(name)))
     return "\n\n".join(parts)
 
 

@@ -357,7 +357,8 @@ def predicted_speed(spec: AttentionSpec, plan: SpeedPlan, pool: Pool) -> SpeedFi
     """The cost model's latency of `spec` on the target's profile at the pool's shape.
     (The one call into the cost model: at the merge, `speed/source.py`'s LatencySource.)"""
     profile, dtype = plan.profile, plan.dtype
-    batch, seq_len, mode, what, n_layers, d_ff = pool.batch, pool.seq_len, pool.mode, pool.what, pool.n_layers, pool.d_ff
+    batch, seq_len, mode, what = pool.batch, pool.seq_len, pool.mode, pool.what
+    n_layers, d_ff = pool.n_layers, pool.d_ff
     try:
         pred = predict(spec, profile, batch=batch, seq_len=seq_len, mode=mode, dtype=dtype, what=what,
                        n_layers=n_layers, d_ff=d_ff)
