@@ -11,8 +11,9 @@ How a trial travels:
   a spec already evaluated in the study is sent with its earlier result, to be reused, exactly as
   the Optuna backend reuses duplicates.
 * worker (`ray_worker`): `evaluate_trial` runs the Optuna backend's own `TrialObjective` on a
-  real `optuna.Trial` of a throw-away in-memory study with the proposed parameters enqueued, so a trial's values,
-  user attributes and constraints are those the Optuna backend writes, computed by the same code.
+  real `optuna.Trial` of a throw-away in-memory study with the proposed parameters enqueued, so
+  a trial's values, user attributes and constraints are those the Optuna backend writes,
+  computed by the same code.
   The worker adds one attribute, ``ray`` (trial id, experiment, node, the worker's hardware
   fingerprint), and reports every objective or raises: a finished trial with a missing or
   non-finite objective is an error, never a silently dropped result.

@@ -97,7 +97,14 @@ def _front_title(handle) -> tuple[str, str]:
     """(what the front plots show, where the latency comes from); the title is "<study>: <what>"."""
     space = handle.space
     source = "measured" if space.target.measured else f"predicted ({space.target.hardware})"
-    return f"{space.objectives.quality} vs latency ({space.target.mode}, {source})", source
+    quality, _ = _plotted(space)
+    return f"{quality.name} vs latency ({space.target.mode}, {source})", source
+
+
+def _plotted(space):
+    """(y, x) of the front plots: the first two declared objectives, quality and latency."""
+    quality, latency = space.declared_objectives()[:2]
+    return quality, latency
 
 
 def front_figure(handle, frame, front):
@@ -110,14 +117,15 @@ def front_figure(handle, frame, front):
     done = frame[frame.state == "COMPLETE"]
     subject, source = _front_title(handle)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    ax.scatter(done.latency_s, done.quality, c="#bbbbbb", label="trials", zorder=2)
-    ax.plot(front.latency_s, front.quality, "-o", c=FRONT_COLOUR, label="Pareto front", zorder=3)
+    y, x = (o.column for o in _plotted(handle.space))
+    ax.scatter(done[x], done[y], c="#bbbbbb", label="trials", zorder=2)
+    ax.plot(front[x], front[y], "-o", c=FRONT_COLOUR, label="Pareto front", zorder=3)
     for _, row in done.drop_duplicates("label").iterrows():
         if row.variant:
-            ax.annotate(row.label, (row.latency_s, row.quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(row.label, (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"latency per step, s ({source})")
-    ax.set_ylabel(handle.space.objectives.quality)
+    ax.set_ylabel(_plotted(handle.space)[0].name)
     ax.set_title(f"{handle.space.name}: {subject}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -132,14 +140,15 @@ def front_plotly_figure(handle, frame, front):
     done = frame[frame.state == "COMPLETE"]
     subject, source = _front_title(handle)
     figure = go.Figure()
-    figure.add_trace(go.Scatter(x=done.latency_s, y=done.quality, mode="markers", name="trials",
+    y, x = (o.column for o in _plotted(handle.space))
+    figure.add_trace(go.Scatter(x=done[x], y=done[y], mode="markers", name="trials",
                                 text=done.label, marker=dict(color="#999999")))
-    figure.add_trace(go.Scatter(x=front.latency_s, y=front.quality, mode="lines+markers+text", name="Pareto front",
+    figure.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines+markers+text", name="Pareto front",
                                 text=front.label, textposition="top center", cliponaxis=False,  # edge labels whole
                                 line=dict(color=FRONT_COLOUR), marker=dict(color=FRONT_COLOUR)))
     # the study's name and what is plotted on two lines: a long name still fits a laptop's window
     figure.update_layout(title=dict(text=handle.space.name, subtitle=dict(text=subject)),
-                         xaxis_title=f"latency s ({source})", yaxis_title=handle.space.objectives.quality,
+                         xaxis_title=f"latency s ({source})", yaxis_title=_plotted(handle.space)[0].name,
                          xaxis_type="log")
     return figure
 
@@ -169,7 +178,7 @@ def hypervolume_figure(handle, frame):
     done = frame[frame.state == "COMPLETE"].sort_values("trial")
     if len(done) < 2:
         return None
-    objectives = handle.space.declared_objectives()[:2]  # quality and latency
+    objectives = _plotted(handle.space)  # quality and latency
     cols = [o.column for o in objectives]
     dirs = [o.direction for o in objectives]
     points = done[cols].to_numpy(dtype=float)
