@@ -65,6 +65,7 @@ def test_a_trial_written_through_records_reads_back_whole(study):
     assert record.latencies[1].seconds == 0.003 and record.latencies[1].peak_memory_bytes == 2000
     assert record.latency_measured and record.backend == "sdpa/math" and record.fingerprint_id == "abc"
     assert record.pid is not None and record.host
+    assert record.peak_memory_bytes == 2000  # the largest over the sequence lengths
     assert record.fingerprint == fp
     # the stored keys are the schema every version wrote
     stored = study.trials[0].user_attrs

@@ -118,7 +118,7 @@ class TrialObjective:
         earlier = earlier_result(trial, candidate_key(spec))
         if earlier is not None:  # the sampler proposed a spec already evaluated: reuse it
             record_duplicate(trial, earlier)
-            return earlier.values if len(earlier.values) > 1 else earlier.values[0]
+            return list(earlier.values) if len(earlier.values) > 1 else earlier.values[0]
 
         latency, source = self._latency(trial, spec)
         budget = self.space.constraints.max_latency_s

@@ -128,6 +128,12 @@ class TrialRecord:
     def latency_measured(self) -> bool:
         return bool(self.latencies) and all(lat.measured for lat in self.latencies)
 
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """The largest peak memory over the target's sequence lengths (None unless every one has it)."""
+        peaks = [lat.peak_memory_bytes for lat in self.latencies]
+        return max(peaks) if peaks and None not in peaks else None
+
     def train_value(self, name: str):
         """One figure of the training summary (val_loss, mqar_accuracy, wall_s, tokens_per_s, ...)."""
         return self.train.get(name)
@@ -190,7 +196,10 @@ def _stored_timing(row, fingerprint: Fingerprint | None) -> dict:
         return row
     if row.kind == "predicted":
         bound = next((f.removesuffix("-bound") for f in row.flags if f.endswith("-bound")), None)
-        return {"seq_len": row.seq_len, "predicted_s": row.seconds, "bound": bound}
+        stored = {"seq_len": row.seq_len, "predicted_s": row.seconds, "bound": bound}
+        if row.peak_memory_bytes is not None:
+            stored["peak_mem_bytes"] = row.peak_memory_bytes
+        return stored
     return {"seq_len": row.seq_len, "median_s": row.seconds, "iqr_s": row.spread_s, "raw_median_s": row.raw_seconds,
             "speed_corrected": row.kind == "measured-corrected", "backend": row.backend, "flags": list(row.flags),
             "fingerprint_id": fingerprint.id if fingerprint else None, "peak_mem_bytes": row.peak_memory_bytes}
