@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from sqa_search.search.pareto import hypervolume, hypervolume_history, reference_point
-from sqa_search.search.space import SearchSpace, candidate_key, load_space, train_config_from
+from sqa_search.search.space import SearchSpace, candidate_key, load_space, params_of, train_config_from
 
 __all__ = ["evaluate_all", "replay", "main"]
 
@@ -47,13 +47,17 @@ def evaluate_all(space: SearchSpace, cache: Path | None = None, progress: bool =
                            what=t.what, threads=t.threads, budget_s=t.timing_budget_s)
         result = train_spec(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, progress=False)
         quality = getattr(result, space.objectives.quality)
-        table[key] = {"label": spec.label, "params": {"n_q_heads": spec.n_q_heads, "n_kv_heads": spec.n_kv_heads,
-                      "window": spec.window, "n_global": spec.n_global},
-                      "quality": quality, "latency_s": timing.median_s, "status": result.status}
+        table[key] = {"label": spec.label, "params": params_of(spec), "quality": quality,
+                      "latency_s": timing.median_s, "status": result.status}
         if cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps(table, indent=1))
     return [table[candidate_key(s)] for s in candidates]
+
+
+def _directions(space: SearchSpace) -> list[str]:
+    """The benchmark's two objectives, quality and latency, as the space declares them."""
+    return [o.direction for o in space.declared_objectives()[:2]]
 
 
 def replay(space: SearchSpace, table: list[dict], sampler: str, seed: int, n_trials: int,
@@ -64,21 +68,17 @@ def replay(space: SearchSpace, table: list[dict], sampler: str, seed: int, n_tri
     sampler alone is measured."""
     import optuna
 
-    from sqa_search.search.engine import _params, _sampler
+    from sqa_search.search.samplers import make_sampler
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     lookup = {json.dumps(row["params"], sort_keys=True): (row["quality"], row["latency_s"]) for row in table}
     run_space = replace(space, study=replace(space.study, sampler=sampler, seed=seed))
-    study = optuna.create_study(directions=space.directions[:2], sampler=_sampler(run_space))
+    study = optuna.create_study(directions=_directions(space), sampler=make_sampler(run_space))
     for spec in space.named_variants() if anchors else []:
-        study.enqueue_trial(_params(spec))
-    s = space.search
+        study.enqueue_trial(params_of(spec))
 
     def objective(trial):
-        params = {"n_q_heads": trial.suggest_categorical("n_q_heads", list(s.n_q_heads)),
-                  "n_kv_heads": trial.suggest_categorical("n_kv_heads", list(s.n_kv_heads)),
-                  "window": trial.suggest_categorical("window", list(s.window)),
-                  "n_global": trial.suggest_categorical("n_global", list(s.n_global))}
+        params = space.suggest_params(trial)
         params["n_global"] = params["n_global"] if params["window"] is not None else 0
         key = json.dumps(params, sort_keys=True)
         if key not in lookup:  # outside the static constraints: a failed trial, as in a study
@@ -112,7 +112,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     table = [row for row in evaluate_all(space, cache=out / "exhaustive.json") if row["status"] == "ok"]
     points = np.array([[r["quality"], r["latency_s"]] for r in table])
-    directions = space.directions[:2]
+    directions = _directions(space)
     ref = reference_point(points, directions)
     full = hypervolume(points, ref, directions)
     n = len(table)

@@ -17,16 +17,9 @@ import pytest
 from optuna.trial import TrialState
 
 from sqa_search.search.space import load_space
-from sqa_search.search.engine import (
-    RetryFirstStudy,
-    StudyError,
-    _prepare_study,
-    _retry_stale_trial,
-    finished_count,
-    is_interrupted,
-    open_study,
-    run_study,
-)
+from sqa_search.search.engine import StudyError, open_study, run_study
+from sqa_search.search.recovery import RetryFirstStudy, finished_count, is_interrupted, retry_stale_trial
+from sqa_search.search.studies import prepare_study
 from study_helpers import space_file
 
 # n_heads 4: MHA 4/4, GQA 4/1, SQA 2/1, sSQA 2/2 and xSQA 1/1 are five distinct anchors, claimed
@@ -108,7 +101,7 @@ def test_two_workers_one_killed_mid_trial_lose_nothing(tmp_path, postgres_url):
     assert len(anchors) == 5 and set(anchors.values()) == {1}, anchors  # each anchor evaluated once
 
     # resume with one more trial: the finished ones are neither lost nor computed again
-    handle = run_study(path, trials=6, storage=postgres_url, studies_dir=studies, progress=False, report=False)
+    handle = run_study(path, trials=6, storage=postgres_url, studies_dir=studies, progress=False)
     study = handle.study
     after_resume = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
     lost = [n for n in after_run if n not in after_resume]
@@ -132,7 +125,7 @@ def test_two_workers_one_killed_mid_trial_lose_nothing(tmp_path, postgres_url):
 def test_heartbeat_finds_a_worker_that_died_on_another_host_and_its_trial_runs_first(postgres_url):
     # the study's own storage waits 180 s for a heartbeat; this one, 1 s (Optuna's minimum)
     storage = optuna.storages.RDBStorage(postgres_url, heartbeat_interval=1, grace_period=1,
-                                         heartbeat_stale_trial_callback=_retry_stale_trial)
+                                         heartbeat_stale_trial_callback=retry_stale_trial)
     optuna.create_study(study_name="hb", storage=storage)
     study = RetryFirstStudy(study_name="hb", storage=storage)
     lost = study.ask()  # a trial whose worker, elsewhere, beats once and dies
@@ -154,11 +147,11 @@ def test_heartbeat_finds_a_worker_that_died_on_another_host_and_its_trial_runs_f
 def test_hosts_join_one_study_on_the_server_only_with_the_same_space(tmp_path, postgres_url):
     # each host has its own studies/ folder; the server holds the trials
     path = space_file(tmp_path, SPACE, "shared")
-    first = _prepare_study(load_space(path), path, tmp_path / "host-a", postgres_url, 1)
+    first = prepare_study(load_space(path), path, tmp_path / "host-a", postgres_url, 1)
     first.study.enqueue_trial({"n_q_heads": 4}, user_attrs={"anchor": "MHA"})
-    joined = _prepare_study(load_space(path), path, tmp_path / "host-b", postgres_url, 1)
+    joined = prepare_study(load_space(path), path, tmp_path / "host-b", postgres_url, 1)
     assert joined.study._study_id == first.study._study_id and len(joined.study.trials) == 1
     other = space_file(tmp_path, {**SPACE, "target": {**SPACE["target"], "seq_len": 128}}, "shared")
     with pytest.raises(StudyError, match="different search space"):
-        _prepare_study(load_space(other), other, tmp_path / "host-c", postgres_url, 1)
+        prepare_study(load_space(other), other, tmp_path / "host-c", postgres_url, 1)
     assert not (tmp_path / "host-c").exists()

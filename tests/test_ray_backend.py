@@ -18,7 +18,7 @@ import ray
 from optuna.trial import TrialState
 
 from sqa_search.search.ray_backend import RAY_ATTR, ray_result, run_ray_study, trial_resources
-from sqa_search.search.report import pareto_table
+from sqa_search.search.report import pareto_table, write_report
 from sqa_search.search.space import space_from_dict
 from sqa_search.search.engine import StudyError, finished_count, open_study, run_study
 from study_helpers import merged, space_file
@@ -179,8 +179,7 @@ def test_ray_extends_an_optuna_study_in_the_same_form_and_records_a_dead_worker(
     storage; one trial's worker is killed, retried, killed again and recorded as failed."""
     path = _space_file(tmp_path)
     studies = tmp_path / "studies"
-    by_optuna = {t.number for t in run_study(path, trials=4, studies_dir=studies, progress=False,
-                                             report=False).study.trials}
+    by_optuna = {t.number for t in run_study(path, trials=4, studies_dir=studies, progress=False).study.trials}
     killer = KillOneTrialTwice()
     killer.start()
     try:
@@ -244,20 +243,21 @@ def test_ray_extends_an_optuna_study_in_the_same_form_and_records_a_dead_worker(
             assert set(a.system_attrs) <= set(b.system_attrs)  # no sampler bookkeeping of Ray's searcher
 
     # show / report work on it, and it stays a plain Optuna study
+    write_report(handle)  # what `sqa-search run` does after the study
     frame, front, hv = pareto_table(open_study(handle.directory))
     assert len(frame) == 9 and not front.empty and hv > 0
     assert front.speedup_vs_mha.notna().all()
     for name in ("results.csv", "results.parquet", "pareto.png", "report.md"):
         assert (handle.directory / name).is_file(), name
     assert "ray trial failed" in (handle.directory / "report.md").read_text()
-    from sqa_search.search.report import run as show
+    from sqa_search.cli.show import run as show
 
     assert show(argparse.Namespace(study=str(handle.directory), out=str(tmp_path / "shown"), all=True)) == 0
     assert optuna.load_study(study_name="tiny", storage=handle.storage_url).trials
 
     # the same command again: the study is complete, Ray is not even started, nothing changes
     before = [(t.number, t.datetime_complete) for t in study.trials]
-    again = run_ray_study(path, trials=9, studies_dir=studies, num_cpus=2, progress=False, report=False)
+    again = run_ray_study(path, trials=9, studies_dir=studies, num_cpus=2, progress=False)
     assert [(t.number, t.datetime_complete) for t in again.study.trials] == before
     assert not ray.is_initialized()
 
@@ -294,7 +294,7 @@ def test_killed_ray_study_resumes_without_losing_or_recomputing_finished_trials(
     path = _space_file(tmp_path, name="killme", study={"trials": 5})
     studies = tmp_path / "studies"
     code = (f"from sqa_search.search.ray_backend import run_ray_study; run_ray_study({str(path)!r}, "
-            f"studies_dir={str(studies)!r}, num_cpus=2, max_concurrent=2, progress=False, report=False)")
+            f"studies_dir={str(studies)!r}, num_cpus=2, max_concurrent=2, progress=False)")
     # Tune snapshots its experiment state at the start and then only every 600 s: the kill lands
     # long after the last snapshot, the hardest case for losing or recomputing nothing
     env = dict(os.environ, TUNE_GLOBAL_CHECKPOINT_S="600")
@@ -320,7 +320,7 @@ def test_killed_ray_study_resumes_without_losing_or_recomputing_finished_trials(
     experiments = json.loads((studies / "killme" / "ray" / "experiments.json").read_text())["experiments"]
     assert experiments[-1]["finished"] is False
 
-    handle = run_ray_study(path, studies_dir=studies, num_cpus=2, max_concurrent=2, progress=False, report=False)
+    handle = run_ray_study(path, studies_dir=studies, num_cpus=2, max_concurrent=2, progress=False)
     study = handle.study
     assert finished_count(study) == len(study.trials) == 5  # nothing lost, nothing run twice
     after = {t.number: t for t in study.trials}

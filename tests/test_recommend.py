@@ -231,7 +231,7 @@ def test_real_study_measured_here(tmp_path, capsys):
     }
     path = tmp_path / "tinyrec.yaml"
     path.write_text(yaml.safe_dump(space))
-    handle = run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    handle = run_study(path, studies_dir=tmp_path / "studies", progress=False)
     assert _cli(["--study", str(handle.directory), "--hardware", "local", "--tolerance", "5%"]) == 0
     out = capsys.readouterr().out
     print(out)

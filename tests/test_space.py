@@ -52,6 +52,37 @@ def test_objectives_and_directions():
     space = space_from_dict(_with(objectives={"quality": "mqar_accuracy", "kv_cache": True}))
     assert space.objective_names == ["mqar_accuracy", "latency_s", "kv_cache_bytes"]
     assert space.directions == ["maximize", "minimize", "minimize"]
+    assert [o.name for o in space.objectives_in_use()] == space.objective_names  # pareto: all of them
+    assert [o.column for o in space.declared_objectives()] == ["quality", "latency_s", "kv_cache_bytes"]
+    constrained = space_from_dict(_with(objectives={"kv_cache": True}, constraints={"max_latency_s": 1.0},
+                                        study={"mode": "constrained"}))
+    assert [(o.name, o.direction) for o in constrained.objectives_in_use()] == [("val_loss", "minimize")]
+    # the front is quality against latency even when only quality is optimised
+    assert [o.name for o in constrained.front_objectives()] == ["val_loss", "latency_s"]
+
+
+def test_search_parameters_are_declared_once():
+    import optuna
+
+    from sqa_search.search.space import SEARCH_PARAMS, params_of
+
+    space = space_from_dict(_with(search={"n_q_heads": [2, 8], "n_kv_heads": [1, 2], "window": [None, 64],
+                                          "n_global": [0, 2]}))
+    assert tuple(space.distributions()) == SEARCH_PARAMS
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    trial = study.ask()
+    spec = space.suggest(trial)
+    assert set(trial.params) == set(SEARCH_PARAMS)
+    assert params_of(spec) == {**trial.params, "n_global": spec.n_global}
+    assert all(trial.params[k] in space.distributions()[k].choices for k in SEARCH_PARAMS)
+
+
+def test_workload_of_the_target():
+    space = space_from_dict(_with(target={"device": "cpu", "seq_len": [128, 256], "mode": "train", "what": "block",
+                                          "batch": 2}))
+    w = space.workload(256)
+    assert (w.mode, w.seq_len, w.batch, w.scope, w.dtype, w.device) == ("train", 256, 2, "block", "float32", "cpu")
+    assert (w.n_layers, w.d_ff) == (space.model.n_layers, space.model.d_ff)
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from sqa_search.search.report import pareto_table, write_report
-from sqa_search.search.engine import StudyError, _pid_alive, finished_count, is_interrupted, open_study, run_study
+from sqa_search.search.engine import StudyError, finished_count, is_interrupted, open_study, run_study
+from sqa_search.search.recovery import pid_alive
 from study_helpers import space_file
 
 TINY = {
@@ -64,10 +65,10 @@ def test_study_runs_records_failures_reuses_duplicates_and_writes_report(tmp_pat
         assert (handle.directory / name).is_file(), name
     # the same command again: nothing more to do, nothing recomputed
     before = [(t.number, t.datetime_complete) for t in study.trials]
-    again = run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    again = run_study(path, studies_dir=tmp_path / "studies", progress=False)
     assert [(t.number, t.datetime_complete) for t in again.study.trials] == before
     # more trials extend it
-    more = run_study(path, trials=8, studies_dir=tmp_path / "studies", progress=False, report=False)
+    more = run_study(path, trials=8, studies_dir=tmp_path / "studies", progress=False)
     assert finished_count(more.study) == 8
     # and it stays a plain Optuna study
     assert optuna.load_study(study_name="tiny", storage=handle.storage_url).trials
@@ -86,7 +87,7 @@ def test_bad_arguments_fail_before_work(tmp_path):
 @pytest.mark.slow
 def test_changed_space_is_not_mixed_into_an_existing_study(tmp_path):
     path = _space_file(tmp_path, study={"trials": 1})
-    run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    run_study(path, studies_dir=tmp_path / "studies", progress=False)
     changed = _space_file(tmp_path, target={"seq_len": 128}, study={"trials": 1})
     with pytest.raises(StudyError, match="different search space"):
         run_study(changed, studies_dir=tmp_path / "studies", progress=False)
@@ -139,7 +140,7 @@ def test_killed_run_loses_nothing_and_reruns_the_interrupted_configuration_first
     assert done_before and len(killed) == 1, "the kill should have interrupted a trial"
     assert study.get_trials(states=(TrialState.WAITING,)), "an anchor should still be waiting behind it"
 
-    handle = run_study(path, studies_dir=studies, progress=False, report=False)
+    handle = run_study(path, studies_dir=studies, progress=False)
     study = handle.study
     assert finished_count(study) == 3
     after = {t.number: t.datetime_complete for t in study.get_trials(states=(TrialState.COMPLETE,))}
@@ -161,7 +162,7 @@ def test_killed_run_loses_nothing_and_reruns_the_interrupted_configuration_first
 @pytest.mark.slow
 def test_two_workers_share_a_journal_without_losing_or_duplicating(tmp_path):
     path = _space_file(tmp_path, name="pair", study={"trials": 6, "sampler": "random"})
-    handle = run_study(path, workers=2, studies_dir=tmp_path / "studies", progress=False, report=False)
+    handle = run_study(path, workers=2, studies_dir=tmp_path / "studies", progress=False)
     assert handle.storage_url.startswith("journal:")
     study = open_study(handle.directory).study
     assert 6 <= finished_count(study) <= 7  # each worker checks the count before a trial
@@ -181,7 +182,7 @@ def test_constrained_mode_minimises_loss_under_a_latency_budget_and_prunes(tmp_p
     # a budget no timing can meet prunes every candidate before training, with its reason
     path = _space_file(tmp_path, name="tight", constraints={"max_latency_s": 1e-9},
                        study={"mode": "constrained", "trials": 3})
-    handle = run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+    handle = run_study(path, studies_dir=tmp_path / "studies", progress=False)
     study = handle.study
     assert len(study.directions) == 1
     pruned = study.get_trials(states=(TrialState.PRUNED,))
@@ -206,12 +207,12 @@ def test_a_killed_worker_not_yet_reaped_counts_as_dead():
     # reaped it, and the study meanwhile spent the budget on other trials
     child = subprocess.Popen(["sleep", "30"])
     try:
-        assert _pid_alive(child.pid)
+        assert pid_alive(child.pid)
         child.send_signal(signal.SIGKILL)
         deadline = time.time() + 10
-        while _pid_alive(child.pid) and time.time() < deadline:
+        while pid_alive(child.pid) and time.time() < deadline:
             time.sleep(0.05)
-        assert not _pid_alive(child.pid)
+        assert not pid_alive(child.pid)
         assert child.poll() is not None  # reaped only now: it was a zombie while judged dead
     finally:
         child.kill()
@@ -233,7 +234,7 @@ def test_ctrl_c_mid_trial_costs_no_configuration(tmp_path):
     stopped = [t for t in open_study(studies / "ctrlc").study.trials if t.state == TrialState.FAIL]
     assert [t.user_attrs["fail_reason"] for t in stopped] == ["interrupted (KeyboardInterrupt)"]
 
-    study = run_study(path, studies_dir=studies, progress=False, report=False).study
+    study = run_study(path, studies_dir=studies, progress=False).study
     rerun = min((t for t in study.trials if t.number > stopped[0].number and t.datetime_start),
                 key=lambda t: t.datetime_start)
     assert rerun.user_attrs["retry_of"] == stopped[0].number and rerun.state == TrialState.COMPLETE
@@ -249,9 +250,9 @@ def test_a_trial_that_crashes_is_a_failure_with_its_reason_not_an_interruption(t
         raise RuntimeError("boom in the objective")
 
     path = _space_file(tmp_path, name="crash", study={"trials": 2})
-    monkeypatch.setattr(study_module.Objective, "_evaluate", crash)
+    monkeypatch.setattr(study_module.TrialObjective, "_evaluate", crash)
     with pytest.raises(RuntimeError, match="boom"):
-        run_study(path, studies_dir=tmp_path / "studies", progress=False, report=False)
+        run_study(path, studies_dir=tmp_path / "studies", progress=False)
     study = open_study(tmp_path / "studies" / "crash").study
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(failed) == 1

@@ -17,10 +17,11 @@ import pytest
 
 from sqa_search.decide.export import ExportError, export_trial
 from sqa_search.decide.recommend import RecommendError, recommend
-from sqa_search.search.report import run as show
+from sqa_search.cli.show import run as show
 from sqa_search.search.space import load_space
 from sqa_search.layer.spec import AttentionSpec
-from sqa_search.search.engine import StudyError, _prepare_study, open_study, run_study
+from sqa_search.search.engine import StudyError, open_study, run_study
+from sqa_search.search.studies import prepare_study
 from study_helpers import space_file
 
 SPACE = {
@@ -37,7 +38,7 @@ def made(tmp_path):
     """(space file, studies dir, study folder) of a study with two complete trials."""
     path = space_file(tmp_path, SPACE, "dmg")
     studies = tmp_path / "studies"
-    handle = _prepare_study(load_space(path), path, studies, None, 1)
+    handle = prepare_study(load_space(path), path, studies, None, 1)
     for spec, loss, latency in ((AttentionSpec.variant("mha", d_model=32, n_heads=4), 3.0, 2e-4),
                                 (AttentionSpec.variant("sqa", d_model=32, n_heads=4), 3.1, 1e-4)):
         attrs = {"spec": spec.to_dict(), "label": spec.label, "variant": spec.variant_name, "family": spec.family,
@@ -99,7 +100,7 @@ def test_damaged_study_is_refused_and_left_as_it_was(made, damage, tmp_path):
     with pytest.raises(StudyError, match=says.replace("(", r"\(")):
         open_study(folder)
     with pytest.raises(StudyError, match=says.replace("(", r"\(")):
-        run_study(path, studies_dir=studies, progress=False, report=False)
+        run_study(path, studies_dir=studies, progress=False)
     with pytest.raises(StudyError):
         show(argparse.Namespace(study=str(folder), out=None, all=False))
     with pytest.raises(ExportError):
@@ -166,7 +167,7 @@ def test_folder_without_study_json_is_not_taken_over(tmp_path):
 def test_damaged_or_missing_journal_is_refused_and_left_as_it_was(tmp_path):
     path = space_file(tmp_path, SPACE, "jrn")
     studies = tmp_path / "studies"
-    handle = _prepare_study(load_space(path), path, studies, None, 2)  # --workers 2: a journal file
+    handle = prepare_study(load_space(path), path, studies, None, 2)  # --workers 2: a journal file
     handle.study.add_trial(optuna.trial.create_trial(values=[3.0, 1e-4]))
     folder = handle.directory
     journal = folder / "journal.log"
@@ -176,7 +177,7 @@ def test_damaged_or_missing_journal_is_refused_and_left_as_it_was(tmp_path):
         with pytest.raises(StudyError, match=says):
             open_study(folder)
         with pytest.raises(StudyError, match=says):
-            run_study(path, workers=2, studies_dir=studies, progress=False, report=False)
+            run_study(path, workers=2, studies_dir=studies, progress=False)
         assert _digest(folder) == before
         journal.unlink(missing_ok=True)  # the second case: no journal at all
 
@@ -187,6 +188,6 @@ def test_folder_with_only_an_empty_storage_becomes_the_study(tmp_path):
     folder = tmp_path / "studies" / "early"
     folder.mkdir(parents=True)
     optuna.storages.RDBStorage(f"sqlite:///{folder / 'study.db'}")  # Optuna's tables, no trial
-    handle = _prepare_study(load_space(path), path, tmp_path / "studies", None, 1)
+    handle = prepare_study(load_space(path), path, tmp_path / "studies", None, 1)
     assert sorted(p.name for p in folder.iterdir()) == ["space.yaml", "study.db", "study.json"]
     assert open_study(folder).study.study_name == handle.study.study_name == "early"

@@ -2,10 +2,8 @@
 (name, value, formatted), so a new objective (peak memory, next) appears in their tables, READMEs
 and configs without an edit here.
 
-`objectives_in_use` is a local ADAPTER: issue 13 declares the objectives once on the search space
-(`SearchSpace.objectives_in_use()`, each with a name, a direction, how to read it from a
-`TrialRecord` and how to format it). Until that is on main, this mirrors `space.objective_names` /
-`space.directions`; at the merge its body becomes ``return space.objectives_in_use()``.
+The objectives are declared once, on the search space (`SearchSpace.declared_objectives()`); this
+module only decides how each unit is printed.
 """
 
 from __future__ import annotations
@@ -37,19 +35,18 @@ class ObjectiveFigure:
     formatted: str
 
 
-def _fmt_quality(value) -> str:
+_FORMAT_BY_UNIT = {"s": fmt_s, "bytes": fmt_bytes}  # anything else: a plain figure to 4 decimals
+
+
+def _plain(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
 def objectives_in_use(space) -> list[ObjectiveView]:
-    """The study's objectives, in the order of its Optuna values. ADAPTER (see the module docstring)."""
-    known = {"latency_s": (lambda r: r.latency_s, fmt_s),
-             "kv_cache_bytes": (lambda r: r.kv_cache_bytes, fmt_bytes)}
-    views = []
-    for name, direction in zip(space.objective_names, space.directions):
-        read, fmt = known.get(name, (lambda r: r.quality, _fmt_quality))  # the first is the quality metric
-        views.append(ObjectiveView(name, direction, read, fmt))
-    return views
+    """Every objective the study's space declares, in the order of its Optuna values, with the
+    formatting its unit calls for."""
+    return [ObjectiveView(o.name, o.direction, o.value, _FORMAT_BY_UNIT.get(o.unit, _plain))
+            for o in space.declared_objectives()]
 
 
 def objective_figures(space, record: TrialRecord, *, leave_out=()) -> list[ObjectiveFigure]:

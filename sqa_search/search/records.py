@@ -9,11 +9,14 @@ same (tests/test_legacy_study.py keeps one made before this module existed).
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 
 from ..layer.spec import AttentionSpec
 from ..speed.hardware import Fingerprint
 from ..speed.workload import Latency
+from .space import candidate_key
 
 # the stored keys (Optuna user attributes); the names are the on-disk schema, do not rename
 SPEC = "spec"
@@ -34,6 +37,9 @@ ANCHOR = "anchor"
 RETRY_OF = "retry_of"
 FAIL_REASON = "fail_reason"
 PRUNE_REASON = "prune_reason"
+PID = "pid"  # the worker process running the trial (recovery checks it is alive)
+HOST = "host"
+RAY = "ray"  # the Ray backend's trial id, experiment, node and worker fingerprint
 
 # what a duplicate copies from the trial it repeats
 REUSED = (LATENCY_S, LATENCY_SOURCE, QUALITY, TRAIN, TIMING)
@@ -90,6 +96,18 @@ class TrialRecord:
     datetime_start: object = None
     datetime_complete: object = None  # an export's provenance dates the trial by its end
     duration_s: float | None = None
+    pid: int | None = None
+    host: str | None = None
+    ray: dict | None = None
+    stored: dict = field(default_factory=dict, repr=False, compare=False)  # the attributes as stored
+
+    def reused_attrs(self) -> dict:
+        """What a later trial of the same spec copies from this one, as stored (with the spec key)."""
+        return {k: self.stored[k] for k in REUSED + (SPEC_KEY,) if k in self.stored}
+
+    @property
+    def spec_key(self) -> str | None:
+        return self.stored.get(SPEC_KEY)
 
     @property
     def complete(self) -> bool:
@@ -112,6 +130,12 @@ class TrialRecord:
     def latency_measured(self) -> bool:
         return bool(self.latencies) and all(lat.measured for lat in self.latencies)
 
+    @property
+    def peak_memory_bytes(self) -> int | None:
+        """The largest peak memory over the target's sequence lengths (None unless every one has it)."""
+        peaks = [lat.peak_memory_bytes for lat in self.latencies]
+        return max(peaks) if peaks and None not in peaks else None
+
     def train_value(self, name: str):
         """One figure of the training summary (val_loss, mqar_accuracy, wall_s, tokens_per_s, ...)."""
         return self.train.get(name)
@@ -120,6 +144,7 @@ class TrialRecord:
     def from_trial(cls, trial) -> "TrialRecord":
         """An Optuna FrozenTrial (or a live Trial's stored state) as a record."""
         attrs = trial.user_attrs
+        state = getattr(trial, "state", None)
         spec = AttentionSpec.from_dict(attrs[SPEC]) if attrs.get(SPEC) else None
         fp = Fingerprint.from_dict(attrs[FINGERPRINT]) if attrs.get(FINGERPRINT) else None
         timing = attrs.get(TIMING) or []
@@ -128,7 +153,7 @@ class TrialRecord:
         duration = getattr(trial, "duration", None)
         values = getattr(trial, "values", None)
         return cls(
-            number=trial.number, state=trial.state.name, values=tuple(values) if values else None,
+            number=trial.number, state=state.name if state is not None else "RUNNING", values=tuple(values) if values else None,
             params=dict(trial.params), spec=spec, label=attrs.get(LABEL), variant=attrs.get(VARIANT),
             family=attrs.get(FAMILY), quality=attrs.get(QUALITY), latency_s=attrs.get(LATENCY_S),
             latency_source=source, latencies=[_latency_from_stored(row, source, fp) for row in timing],
@@ -138,10 +163,107 @@ class TrialRecord:
             anchor=attrs.get(ANCHOR), retry_of=attrs.get(RETRY_OF), fail_reason=attrs.get(FAIL_REASON),
             prune_reason=attrs.get(PRUNE_REASON), datetime_start=getattr(trial, "datetime_start", None),
             datetime_complete=getattr(trial, "datetime_complete", None),
-            duration_s=duration.total_seconds() if duration else None,
+            duration_s=duration.total_seconds() if duration else None, pid=attrs.get(PID), host=attrs.get(HOST),
+            ray=attrs.get(RAY) if isinstance(attrs.get(RAY), dict) else None, stored=dict(attrs),
         )
 
 
 def read_records(study) -> list[TrialRecord]:
     """Every trial of an Optuna study, in trial order."""
     return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False)]
+
+
+def from_trial(trial) -> TrialRecord:
+    """A FrozenTrial, or a live optuna.Trial (read as RUNNING), as a record."""
+    return TrialRecord.from_trial(trial)
+
+
+# ----- writing: every user attribute of a trial is set here --------------------------------------
+def spec_attrs(spec: AttentionSpec, space) -> dict:
+    """What a trial stores about its spec (also for a trial whose worker never reported)."""
+    return {SPEC: spec.to_dict(), LABEL: spec.label, FAMILY: spec.family, VARIANT: spec.variant_name,
+            KV_CACHE_BYTES: space.kv_cache_bytes(spec), N_PARAMS: spec.n_params(), SPEC_KEY: candidate_key(spec)}
+
+
+def _set(trial, attrs: dict) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
+
+
+def record_spec(trial, spec: AttentionSpec, space) -> None:
+    _set(trial, spec_attrs(spec, space))
+
+
+def _stored_timing(row, fingerprint: Fingerprint | None) -> dict:
+    """A timing row as stored: a dict every version wrote, or a `Latency` in that shape."""
+    if isinstance(row, dict):
+        return row
+    if row.kind == "predicted":
+        bound = next((f.removesuffix("-bound") for f in row.flags if f.endswith("-bound")), None)
+        stored = {"seq_len": row.seq_len, "predicted_s": row.seconds, "bound": bound}
+        if row.peak_memory_bytes is not None:
+            stored["peak_mem_bytes"] = row.peak_memory_bytes
+        return stored
+    return {"seq_len": row.seq_len, "median_s": row.seconds, "iqr_s": row.spread_s, "raw_median_s": row.raw_seconds,
+            "speed_corrected": row.kind == "measured-corrected", "backend": row.backend, "flags": list(row.flags),
+            "fingerprint_id": fingerprint.id if fingerprint else None, "peak_mem_bytes": row.peak_memory_bytes}
+
+
+def record_latency(trial, timing: list, total: float, source: str, fingerprint=None) -> None:
+    """The target's latency: one row per sequence length (stored dicts or `Latency`s), their sum,
+    the words saying where it comes from, and the machine it was measured on."""
+    if fingerprint is not None:
+        fp = fingerprint if isinstance(fingerprint, Fingerprint) else None
+        trial.set_user_attr(FINGERPRINT, fingerprint.to_dict() if fp else fingerprint)
+    else:
+        fp = None
+    _set(trial, {LATENCY_S: total, LATENCY_SOURCE: source, TIMING: [_stored_timing(r, fp) for r in timing]})
+
+
+def record_training(trial, summary: dict, quality: float | None = None) -> None:
+    """The training summary; the quality figure too once it is known to be a result."""
+    trial.set_user_attr(TRAIN, summary)
+    if quality is not None:
+        record_quality(trial, quality)
+
+
+def record_quality(trial, value: float) -> None:
+    trial.set_user_attr(QUALITY, value)
+
+
+def record_failure(trial, reason: str) -> None:
+    trial.set_user_attr(FAIL_REASON, reason)
+
+
+def record_prune(trial, reason: str) -> None:
+    trial.set_user_attr(PRUNE_REASON, reason)
+
+
+def record_duplicate(trial, earlier: TrialRecord) -> None:
+    """`trial` repeats `earlier`'s spec: its result is earlier's."""
+    trial.set_user_attr(DUPLICATE_OF, earlier.number)
+    _set(trial, {k: v for k, v in earlier.reused_attrs().items() if k != SPEC_KEY})
+
+
+def anchor_attrs(label: str) -> dict:
+    """The attributes of a queued named variant."""
+    return {ANCHOR: label}
+
+
+def rerun_attrs(record: TrialRecord) -> dict:
+    """The attributes of a queued re-run of an interrupted trial."""
+    attrs = {RETRY_OF: record.number}
+    if record.anchor is not None:
+        attrs[ANCHOR] = record.anchor
+    return attrs
+
+
+def store_owner(storage, trial_id: int) -> None:
+    """The worker running a trial (this process), which recovery checks is still alive."""
+    storage.set_trial_user_attr(trial_id, PID, os.getpid())
+    storage.set_trial_user_attr(trial_id, HOST, socket.gethostname())
+
+
+def store_failure(storage, trial_id: int, reason: str) -> None:
+    """record_failure for a trial this process does not run (found interrupted)."""
+    storage.set_trial_user_attr(trial_id, FAIL_REASON, reason)

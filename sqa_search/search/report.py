@@ -1,38 +1,66 @@
 """Results of a study: the trials table, the Pareto set against MHA and GQA, hypervolume, plots,
-and a short markdown report. `sqa-search show studies/<name>` prints and writes them."""
+and a short markdown report. `sqa-search show studies/<name>` prints and writes them (cli/show.py),
+and `sqa-search run` writes them at the end of a study (cli/run.py).
+
+The objectives come from the search space (`SearchSpace.front_objectives`), and every trial's
+figures from its `TrialRecord`: a new objective needs no change here.
+"""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
+from .._figures import fit_text, save
 from .pareto import hypervolume_history, non_dominated_mask, reference_point
+from .recovery import INTERRUPTED, is_interrupted
+from .records import TrialRecord, from_trial
 
-__all__ = ["pareto_table", "write_report", "add_arguments", "run"]
+__all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "front_figure",
+           "front_plotly_figure", "hypervolume_figure", "FRONT_COLOUR"]
 
 
-def _objectives(handle):
-    space = handle.space
-    if space.study.mode == "pareto":
-        return space.objective_names, space.directions
-    return [space.objectives.quality], space.directions[:1]
+def _trial_row(handle, trial, record: TrialRecord) -> dict:
+    row = {
+        "trial": record.number, "state": record.state, "label": record.label,
+        "variant": record.variant, "family": record.family,
+        "n_q_heads": record.params.get("n_q_heads"), "n_kv_heads": record.params.get("n_kv_heads"),
+        "window": record.params.get("window"), "n_global": record.params.get("n_global"),
+        "quality": record.quality, "latency_s": record.latency_s,
+        "kv_cache_bytes": record.kv_cache_bytes, "n_params": record.n_params,
+        "val_loss": record.train_value("val_loss"), "mqar_accuracy": record.train_value("mqar_accuracy"),
+        "train_wall_s": record.train_value("wall_s"), "tokens_per_s": record.train_value("tokens_per_s"),
+        "latency_source": record.latency_source, "duplicate_of": record.duplicate_of,
+        "fail_reason": record.reason
+        or (f"{INTERRUPTED} (no result, no reason: its worker was lost)" if is_interrupted(trial) else None),
+        "fingerprint_id": record.fingerprint_id, "backend": record.backend,
+        "datetime_start": record.datetime_start, "duration_s": record.duration_s,
+    }
+    for objective in handle.space.declared_objectives():  # an objective without a column of its own above
+        row.setdefault(objective.column, objective.value(record))
+    return row
+
+
+def trials_frame(handle):
+    """All trials as a pandas DataFrame with the columns `show` and the report use."""
+    import pandas as pd  # pandas is slow to import: not for `sqa-search --help`
+
+    frame = pd.DataFrame([_trial_row(handle, t, from_trial(t)) for t in handle.study.get_trials(deepcopy=False)])
+    frame.attrs["objectives"] = handle.space.objective_names
+    return frame
 
 
 def pareto_table(handle):
     """(all trials, Pareto set, hypervolume): the Pareto set with speedup and quality change
     against MHA and GQA where those were evaluated."""
-    from .engine import trials_frame
-
     frame = trials_frame(handle)
-    names, directions = _objectives(handle)
     done = frame[frame.state == "COMPLETE"].copy()
     if done.empty:
         return frame, done, float("nan")
-    # latency is always a column, even in constrained mode: the front is loss against speed
-    cols = ["quality", "latency_s"] + (["kv_cache_bytes"] if "kv_cache_bytes" in names else [])
-    dirs = [directions[0]] + ["minimize"] * (len(cols) - 1)
+    objectives = handle.space.front_objectives()
+    cols = [o.column for o in objectives]
+    dirs = [o.direction for o in objectives]
     unique = done.drop_duplicates(subset=["label"]).copy()
     points = unique[cols].to_numpy(dtype=float)
     unique["pareto"] = non_dominated_mask(points, dirs)
@@ -51,9 +79,13 @@ def pareto_table(handle):
     return frame, front, hv
 
 
-def _front_columns(front):
+def front_columns(front, space=None):
+    """The front's table as `run`, `show` and report.md print it; a declared objective without a
+    place in the usual columns is shown before the latency source."""
     keep = ["trial", "label", "quality", "latency_s", "speedup_vs_mha", "quality_change_vs_mha_%",
             "speedup_vs_gqa", "quality_change_vs_gqa_%", "kv_cache_bytes", "latency_source"]
+    if space is not None:
+        keep[-1:-1] = [o.column for o in space.declared_objectives() if o.column not in keep]
     return front[[c for c in keep if c in front.columns]]
 
 
@@ -65,29 +97,35 @@ def _front_title(handle) -> tuple[str, str]:
     """(what the front plots show, where the latency comes from); the title is "<study>: <what>"."""
     space = handle.space
     source = "measured" if space.target.measured else f"predicted ({space.target.hardware})"
-    return f"{space.objectives.quality} vs latency ({space.target.mode}, {source})", source
+    quality, _ = _plotted(space)
+    return f"{quality.name} vs latency ({space.target.mode}, {source})", source
+
+
+def _plotted(space):
+    """(y, x) of the front plots: the first two declared objectives, quality and latency."""
+    quality, latency = space.declared_objectives()[:2]
+    return quality, latency
 
 
 def front_figure(handle, frame, front):
     """The matplotlib figure of pareto.png: every complete trial, the front, the named variants."""
-    import matplotlib
+    import matplotlib  # matplotlib and plotly load only when a figure is drawn (seconds)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .._figures import fit_text
-
     done = frame[frame.state == "COMPLETE"]
     subject, source = _front_title(handle)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    ax.scatter(done.latency_s, done.quality, c="#bbbbbb", label="trials", zorder=2)
-    ax.plot(front.latency_s, front.quality, "-o", c=FRONT_COLOUR, label="Pareto front", zorder=3)
+    y, x = (o.column for o in _plotted(handle.space))
+    ax.scatter(done[x], done[y], c="#bbbbbb", label="trials", zorder=2)
+    ax.plot(front[x], front[y], "-o", c=FRONT_COLOUR, label="Pareto front", zorder=3)
     for _, row in done.drop_duplicates("label").iterrows():
         if row.variant:
-            ax.annotate(row.label, (row.latency_s, row.quality), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(row.label, (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"latency per step, s ({source})")
-    ax.set_ylabel(handle.space.objectives.quality)
+    ax.set_ylabel(_plotted(handle.space)[0].name)
     ax.set_title(f"{handle.space.name}: {subject}", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
@@ -102,14 +140,15 @@ def front_plotly_figure(handle, frame, front):
     done = frame[frame.state == "COMPLETE"]
     subject, source = _front_title(handle)
     figure = go.Figure()
-    figure.add_trace(go.Scatter(x=done.latency_s, y=done.quality, mode="markers", name="trials",
+    y, x = (o.column for o in _plotted(handle.space))
+    figure.add_trace(go.Scatter(x=done[x], y=done[y], mode="markers", name="trials",
                                 text=done.label, marker=dict(color="#999999")))
-    figure.add_trace(go.Scatter(x=front.latency_s, y=front.quality, mode="lines+markers+text", name="Pareto front",
+    figure.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines+markers+text", name="Pareto front",
                                 text=front.label, textposition="top center", cliponaxis=False,  # edge labels whole
                                 line=dict(color=FRONT_COLOUR), marker=dict(color=FRONT_COLOUR)))
     # the study's name and what is plotted on two lines: a long name still fits a laptop's window
     figure.update_layout(title=dict(text=handle.space.name, subtitle=dict(text=subject)),
-                         xaxis_title=f"latency s ({source})", yaxis_title=handle.space.objectives.quality,
+                         xaxis_title=f"latency s ({source})", yaxis_title=_plotted(handle.space)[0].name,
                          xaxis_type="log")
     return figure
 
@@ -124,8 +163,6 @@ def write_front_html(handle, frame, front, path: Path) -> Path:
 
 
 def _plot_front(handle, frame, front, out: Path) -> list[Path]:
-    from .._figures import save
-
     png = out / "pareto.png"
     save(front_figure(handle, frame, front), png)
     return [png, write_front_html(handle, frame, front, out / "pareto.html")]
@@ -133,19 +170,17 @@ def _plot_front(handle, frame, front, out: Path) -> list[Path]:
 
 def hypervolume_figure(handle, frame):
     """The figure of hypervolume.png (hypervolume after each completed trial); None below 2 trials."""
-    import matplotlib
+    import matplotlib  # matplotlib and plotly load only when a figure is drawn (seconds)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .._figures import fit_text
-
     done = frame[frame.state == "COMPLETE"].sort_values("trial")
     if len(done) < 2:
         return None
-    names, directions = _objectives(handle)
-    cols = ["quality", "latency_s"]
-    dirs = [directions[0], "minimize"]
+    objectives = _plotted(handle.space)  # quality and latency
+    cols = [o.column for o in objectives]
+    dirs = [o.direction for o in objectives]
     points = done[cols].to_numpy(dtype=float)
     history = hypervolume_history(points, reference_point(points, dirs), dirs)
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
@@ -159,8 +194,6 @@ def hypervolume_figure(handle, frame):
 
 
 def _plot_hypervolume(handle, frame, out: Path) -> Path | None:
-    from .._figures import save
-
     fig = hypervolume_figure(handle, frame)
     if fig is None:
         return None
@@ -181,7 +214,7 @@ def write_report(handle, out: Path | None = None) -> dict:
     except ImportError:
         pass
     if not front.empty:
-        _front_columns(front).to_csv(out / "pareto.csv", index=False)
+        front_columns(front, handle.space).to_csv(out / "pareto.csv", index=False)
         written["plots"] = _plot_front(handle, frame, front, out)
         hv_plot = _plot_hypervolume(handle, frame, out)
         if hv_plot:
@@ -200,7 +233,7 @@ def write_report(handle, out: Path | None = None) -> dict:
         "",
         "## Pareto front",
         "",
-        _front_columns(front).to_markdown(index=False, floatfmt=".4g") if not front.empty else "(no complete trial)",
+        front_columns(front, space).to_markdown(index=False, floatfmt=".4g") if not front.empty else "(no complete trial)",
         "",
     ]
     if not front.empty:
@@ -210,29 +243,3 @@ def write_report(handle, out: Path | None = None) -> dict:
     (out / "report.md").write_text("\n".join(lines))
     written["report"] = out / "report.md"
     return written
-
-
-# ----- `sqa-search show` ---------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study", help="a study folder, e.g. studies/quickstart")
-    parser.add_argument("--out", help="where to write CSV, parquet, plots and report (default: the study folder)")
-    parser.add_argument("--all", action="store_true", help="print every trial, not only the Pareto set")
-
-
-def run(args) -> int:
-    import pandas as pd
-
-    from .engine import open_study
-
-    handle = open_study(args.study)
-    frame, front, hv = pareto_table(handle)
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 40):
-        if args.all:
-            print(frame.drop(columns=["datetime_start"]).to_string(index=False))
-            print()
-        print(f"Pareto set of {handle.space.name} ({(frame.state == 'COMPLETE').sum()} complete trials, "
-              f"hypervolume {hv:.4g}):")
-        print(_front_columns(front).to_string(index=False) if not front.empty else "(no complete trial)")
-    written = write_report(handle, Path(args.out) if args.out else None)
-    print(f"\nwritten: {', '.join(str(p) for k, v in written.items() for p in (v if isinstance(v, list) else [v]))}")
-    return 0

@@ -56,17 +56,64 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
-from ..layer.spec import VARIANTS, AttentionSpec, SpecError, variant_heads
+from ..common import DTYPE_BYTES, resolve_device_name
 from ..errors import UserError
+from ..layer.spec import VARIANTS, AttentionSpec, SpecError, variant_heads, normalise_variant
+from ..speed.workload import MODES, Workload
+from ..speed.workload import SCOPES as WHATS  # the target's `what` is the workload's scope
 
-__all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype"]
+__all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype", "SEARCH_PARAMS",
+           "params_of", "Objective", "quality_objective", "LATENCY", "KV_CACHE"]
 
-MODES = ("train", "prefill", "decode")
-WHATS = ("layer", "block", "model")
+# The search parameters: what a sampler proposes and a trial's params hold, in this order, for both
+# backends and the efficiency benchmark.
+SEARCH_PARAMS = ("n_q_heads", "n_kv_heads", "window", "n_global")
+
+
+def params_of(spec: AttentionSpec) -> dict:
+    """A spec's search parameters, as a trial stores them."""
+    return {name: getattr(spec, name) for name in SEARCH_PARAMS}
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One objective of a study: its name (the metric the samplers and Ray see), its direction,
+    the column it has in the trials table and how its value is read from a trial's record.
+
+    To add an objective: declare it here (and switch it on in `SearchSpace.declared_objectives`)
+    and write its value into the trial record (records.py); the backends, report, show, recommend
+    and export go through `SearchSpace.objectives_in_use()` / `declared_objectives()`.
+    """
+
+    name: str
+    direction: str  # minimize | maximize
+    column: str  # the trials table's column (and TrialRecord's attribute, unless `read` is given)
+    unit: str = ""  # for axis labels and table headers
+    fmt: str = ".4g"
+    read: Callable | None = None  # TrialRecord -> value; default: the record's attribute `column`
+
+    def value(self, record) -> float | None:
+        """This objective's value in a `records.TrialRecord` (None when the trial has none)."""
+        value = self.read(record) if self.read is not None else getattr(record, self.column, None)
+        return None if value is None else float(value)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.unit})" if self.unit else self.name
+
+
+def quality_objective(metric: str) -> Objective:
+    """The quality objective: the training metric the space names (val_loss or mqar_accuracy)."""
+    return Objective(metric, "maximize" if metric == "mqar_accuracy" else "minimize", "quality")
+
+
+LATENCY = Objective("latency_s", "minimize", "latency_s", unit="s")
+KV_CACHE = Objective("kv_cache_bytes", "minimize", "kv_cache_bytes", unit="bytes", fmt=".0f")
+
 DTYPES = ("float32", "bfloat16", "float16")
 QUALITIES = ("val_loss", "mqar_accuracy")
 STUDY_MODES = ("pareto", "constrained")
@@ -85,14 +132,10 @@ def default_dtype(device_type: str) -> str:
 def _target_device_type(hardware: str, device: str) -> str:
     """cuda or cpu: the device a target's timings run on (local) or its profile describes."""
     if hardware != "local":
-        from ..speed.cost import load_profile
+        from ..speed.cost import load_profile  # only for predicted targets
 
         return load_profile(hardware).device_type
-    if device == "auto":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return "cuda" if device.startswith("cuda") else "cpu"
+    return "cuda" if resolve_device_name(device).startswith("cuda") else "cpu"
 
 
 class SpaceError(UserError):
@@ -195,7 +238,7 @@ class SearchSpace:
 
     def kv_cache_bytes(self, spec: AttentionSpec) -> int:
         """The model's KV cache at the largest target length, batch 1, in the target dtype."""
-        dtype_bytes = 4 if self.target.dtype == "float32" else 2
+        dtype_bytes = DTYPE_BYTES[self.target.dtype]
         return self.model.n_layers * spec.kv_cache_bytes(max(self.target.seq_len), dtype_bytes)
 
     def candidates(self) -> list[AttentionSpec]:
@@ -227,17 +270,54 @@ class SearchSpace:
                         out.append(spec)
         return out
 
+    # ----- objectives --------------------------------------------------------------------
+    def declared_objectives(self) -> list[Objective]:
+        """Every objective the space declares, in order: quality, latency, then the optional ones."""
+        out = [quality_objective(self.objectives.quality), LATENCY]
+        if self.objectives.kv_cache:
+            out.append(KV_CACHE)
+        return out
+
+    def objectives_in_use(self) -> list[Objective]:
+        """What the study optimises: every declared objective in pareto mode, else quality only
+        (constrained mode minimises quality subject to the budgets)."""
+        declared = self.declared_objectives()
+        return declared if self.study.mode == "pareto" else declared[:1]
+
+    def front_objectives(self) -> list[Objective]:
+        """The objectives of the Pareto front `show` draws: those in use, and latency always (the
+        front is quality against speed even in constrained mode)."""
+        in_use = {o.name for o in self.objectives_in_use()}
+        return [o for o in self.declared_objectives() if o.name in in_use or o is LATENCY]
+
     @property
     def objective_names(self) -> list[str]:
-        names = [self.objectives.quality, "latency_s"]
-        if self.objectives.kv_cache:
-            names.append("kv_cache_bytes")
-        return names
+        return [o.name for o in self.declared_objectives()]
 
     @property
     def directions(self) -> list[str]:
-        quality = "maximize" if self.objectives.quality == "mqar_accuracy" else "minimize"
-        return [quality] + ["minimize"] * (len(self.objective_names) - 1)
+        return [o.direction for o in self.declared_objectives()]
+
+    # ----- proposing and timing ------------------------------------------------------------
+    def distributions(self) -> dict:
+        """The search parameters as Optuna distributions (both backends propose from these)."""
+        from optuna.distributions import CategoricalDistribution  # optuna is slow to import: not for --help
+
+        return {name: CategoricalDistribution(list(getattr(self.search, name))) for name in SEARCH_PARAMS}
+
+    def suggest_params(self, trial) -> dict:
+        """One proposal of the search parameters from an Optuna trial."""
+        return {name: trial.suggest_categorical(name, list(getattr(self.search, name))) for name in SEARCH_PARAMS}
+
+    def suggest(self, trial) -> AttentionSpec:
+        return self.make_spec(**self.suggest_params(trial))
+
+    def workload(self, seq_len: int) -> Workload:
+        """What the target times or predicts at one sequence length."""
+        t = self.target
+        device = resolve_device_name(t.device) if t.measured else t.device
+        return Workload(mode=t.mode, seq_len=seq_len, batch=t.batch, scope=t.what, dtype=t.dtype, device=device,
+                        n_layers=self.model.n_layers, d_ff=self.model.d_ff, threads=t.threads)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -365,68 +445,10 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
     top = _Reader(source, "", data)
     top.check_unknown(["name", "description", "model", "target", "search", "constraints",
                        "objectives", "study", "training"])
-
-    m = top.section("model")
-    m.check_unknown([f.name for f in dataclasses.fields(ModelSection)])
-    d_model = m.int("d_model", required=True)
-    n_heads = m.int("n_heads", required=True)
-    model = ModelSection(d_model=d_model, n_heads=n_heads, n_layers=m.int("n_layers", 4),
-                         d_ff=m.int("d_ff", None, optional=True), causal=m.bool("causal", True))
-    if d_model % n_heads:
-        raise m.error("n_heads", n_heads, f"must divide model.d_model={d_model}")
-
-    t = top.section("target")
-    t.check_unknown([f.name for f in dataclasses.fields(TargetSection)])
-    hardware = t.data.get("hardware", "local")
-    if hardware != "local":
-        from ..speed.cost import CostError, list_profiles, load_profile  # only needed for predicted targets
-
-        try:
-            hardware = load_profile(hardware).name  # short names such as h100 resolve here
-        except (CostError, TypeError):
-            raise t.error("hardware", hardware, f"choose local or one of {', '.join(list_profiles())}") from None
-    device = t.data.get("device", "auto")
-    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
-        raise t.error("device", device, "choose auto, cpu, cuda or cuda:N")
-    mode = t.choice("mode", "prefill", MODES)
-    target = TargetSection(
-        hardware=hardware, device=device,
-        dtype=t.choice("dtype", None, DTYPES) if t.data.get("dtype") is not None
-        else default_dtype(_target_device_type(hardware, device)),
-        batch=t.int("batch", 1), seq_len=_int_list(t, "seq_len", [1024], 1, False), mode=mode,
-        what=t.choice("what", "layer", WHATS), threads=t.int("threads", None, optional=True),
-        timing_budget_s=t.float("timing_budget_s", 1.0),
-    )
-    if mode == "decode" and not model.causal:
-        raise t.error("mode", mode, "decode needs model.causal: true (an encoder has no next token)")
-
-    s = top.section("search")
-    s.check_unknown([f.name for f in dataclasses.fields(SearchSection)])
-    variants = s.data.get("variants", "all")
-    if variants == "all":
-        variants = list(VARIANTS)
-    if not isinstance(variants, list):
-        raise s.error("variants", variants, f"must be 'all' or a list of: {', '.join(VARIANTS)}")
-    from ..layer.spec import normalise_variant
-
-    try:
-        variants = tuple(normalise_variant(v) for v in variants)
-    except SpecError as exc:
-        raise SpaceError(f"{source}: search.variants: {exc}") from None
-    search = SearchSection(
-        n_q_heads=_heads_choices(s, "n_q_heads", n_heads), n_kv_heads=_heads_choices(s, "n_kv_heads", n_heads),
-        window=_int_list(s, "window", [None], 1, True), n_global=_int_list(s, "n_global", [0], 0, False),
-        variants=variants,
-    )
-
-    c = top.section("constraints")
-    c.check_unknown([f.name for f in dataclasses.fields(ConstraintSection)])
-    constraints = ConstraintSection(
-        kv_divides_q=c.bool("kv_divides_q", False), allow_reverse=c.bool("allow_reverse", True),
-        max_params=c.int("max_params", None, optional=True),
-        max_kv_cache_bytes=c.int("max_kv_cache_bytes", None, optional=True),
-        max_latency_s=c.float("max_latency_s", None, optional=True),
-    )
+    model = _read_model(top.section("model"))
+    target = _read_target(top.section("target"), model)
+    search = _read_search(top.section("search"), model.n_heads)
+    constraints = _read_constraints(top.section("constraints"))
 
     o = top.section("objectives")
     o.check_unknown([f.name for f in dataclasses.fields(ObjectiveSection)])
@@ -455,10 +477,76 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
     return space
 
 
+def _read_model(m: _Reader) -> ModelSection:
+    m.check_unknown([f.name for f in dataclasses.fields(ModelSection)])
+    d_model = m.int("d_model", required=True)
+    n_heads = m.int("n_heads", required=True)
+    model = ModelSection(d_model=d_model, n_heads=n_heads, n_layers=m.int("n_layers", 4),
+                         d_ff=m.int("d_ff", None, optional=True), causal=m.bool("causal", True))
+    if d_model % n_heads:
+        raise m.error("n_heads", n_heads, f"must divide model.d_model={d_model}")
+    return model
+
+
+def _read_target(t: _Reader, model: ModelSection) -> TargetSection:
+    t.check_unknown([f.name for f in dataclasses.fields(TargetSection)])
+    hardware = t.data.get("hardware", "local")
+    if hardware != "local":
+        from ..speed.cost import CostError, list_profiles, load_profile  # only needed for predicted targets
+
+        try:
+            hardware = load_profile(hardware).name  # short names such as h100 resolve here
+        except (CostError, TypeError):
+            raise t.error("hardware", hardware, f"choose local or one of {', '.join(list_profiles())}") from None
+    device = t.data.get("device", "auto")
+    if not isinstance(device, str) or not (device in ("auto", "cpu", "cuda") or device.startswith("cuda:")):
+        raise t.error("device", device, "choose auto, cpu, cuda or cuda:N")
+    mode = t.choice("mode", "prefill", MODES)
+    target = TargetSection(
+        hardware=hardware, device=device,
+        dtype=t.choice("dtype", None, DTYPES) if t.data.get("dtype") is not None
+        else default_dtype(_target_device_type(hardware, device)),
+        batch=t.int("batch", 1), seq_len=_int_list(t, "seq_len", [1024], 1, False), mode=mode,
+        what=t.choice("what", "layer", WHATS), threads=t.int("threads", None, optional=True),
+        timing_budget_s=t.float("timing_budget_s", 1.0),
+    )
+    if mode == "decode" and not model.causal:
+        raise t.error("mode", mode, "decode needs model.causal: true (an encoder has no next token)")
+    return target
+
+
+def _read_search(s: _Reader, n_heads: int) -> SearchSection:
+    s.check_unknown([f.name for f in dataclasses.fields(SearchSection)])
+    variants = s.data.get("variants", "all")
+    if variants == "all":
+        variants = list(VARIANTS)
+    if not isinstance(variants, list):
+        raise s.error("variants", variants, f"must be 'all' or a list of: {', '.join(VARIANTS)}")
+    try:
+        variants = tuple(normalise_variant(v) for v in variants)
+    except SpecError as exc:
+        raise SpaceError(f"{s.source}: search.variants: {exc}") from None
+    return SearchSection(
+        n_q_heads=_heads_choices(s, "n_q_heads", n_heads), n_kv_heads=_heads_choices(s, "n_kv_heads", n_heads),
+        window=_int_list(s, "window", [None], 1, True), n_global=_int_list(s, "n_global", [0], 0, False),
+        variants=variants,
+    )
+
+
+def _read_constraints(c: _Reader) -> ConstraintSection:
+    c.check_unknown([f.name for f in dataclasses.fields(ConstraintSection)])
+    return ConstraintSection(
+        kv_divides_q=c.bool("kv_divides_q", False), allow_reverse=c.bool("allow_reverse", True),
+        max_params=c.int("max_params", None, optional=True),
+        max_kv_cache_bytes=c.int("max_kv_cache_bytes", None, optional=True),
+        max_latency_s=c.float("max_latency_s", None, optional=True),
+    )
+
+
 def train_config_from(training: dict, quality: str = "val_loss", check_device: bool = True):
     """The `training` section -> a TrainConfig. The task defaults to what the quality objective
     needs. check_device=False validates a GPU space on a machine without one."""
-    from ..quality.data import MQARConfig
+    from ..quality.data import MQARConfig  # quality/ imports torch: only when training is configured
     from ..quality.train import TrainConfig
 
     fields = dict(training)
@@ -474,7 +562,7 @@ def train_config_from(training: dict, quality: str = "val_loss", check_device: b
 
 def _check_training(source: str, training: dict, quality: str) -> None:
     """Unknown training keys are errors too; values are checked by TrainConfig itself."""
-    from ..quality.train import TrainConfig, TrainError
+    from ..quality.train import TrainConfig, TrainError  # torch: only when a space is validated
 
     allowed = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(training) - allowed)

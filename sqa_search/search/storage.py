@@ -1,6 +1,6 @@
 """A study's folder and storage, checked before any work and opened without writing when only read.
 
-`study.py` runs studies; this module answers "is this a study I can open, and where are its
+`engine` runs studies; this module answers "is this a study I can open, and where are its
 trials?" with a `StudyError` that names the file or flag, the value and what is allowed, raised
 before anything is written: a storage URL with an unknown scheme, a missing driver or an
 unreachable server; a study folder that is missing, empty, or whose ``study.json``,
