@@ -278,8 +278,8 @@ def _same_hardware(fp: dict | None, profile) -> bool:
         return False
     name = str(fp.get("device_name") or "")
     if profile.device_type == "cpu":
-        detail = (profile.calibration or {}).get("fingerprint_detail") or {}
-        return bool(name) and name in (detail.get("cpu_model"), detail.get("device_name"))
+        on = profile.calibrated_on
+        return bool(name) and on is not None and name in (on.cpu_model, on.device_name)
     token = _model_token(profile.display_name)
     tokens = {t.upper() for t in re.findall(r"[A-Za-z0-9]+", name)}
     if not token or token not in tokens:
@@ -294,16 +294,16 @@ def _same_hardware(fp: dict | None, profile) -> bool:
 
 
 def _resolve_target(hardware: str, device: str | None) -> _Target:
-    from ..speed.cost import CostError, list_profiles, load_profile
+    from ..speed.hardware import CostError, list_profiles, load_profile
 
     if str(hardware).strip().lower() == "local":
         import torch
 
-        from ..speed.timing import fingerprint
+        from ..speed.hardware import fingerprint
 
         dev = device if device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            fp = fingerprint(dev)
+            fp = fingerprint(dev).to_dict()  # the stored form, as a study's trials hold it
         except Exception as exc:  # a device that is not there
             raise RecommendError(f"--device {dev!r} is not usable here: {exc}") from None
         profile = None
@@ -419,7 +419,8 @@ def recommend(
     With a study: its complete trials; shape defaults (seq_len, mode, batch, dtype, what) come
     from the study's target. hardware: "local" or a cost-model profile (name, alias or path).
     """
-    from ..speed.cost import CostError, predict
+    from ..speed.cost import CostError, canonical_dtype, predict
+    from ..speed.workload import Workload, WorkloadError
 
     notes: list[str] = []
     footnotes: dict[str, str] = {}
@@ -580,9 +581,10 @@ def recommend(
             source = f"measured on {device_name} (fingerprint {fid}, backend {recs[0].get('backend')})"
             return recs[0]["median_s"], source, True, fid, None, None
         try:
-            pred = predict(spec, profile, batch=batch, seq_len=seq_len, mode=mode, dtype=dtype, what=what,
-                           n_layers=n_layers, d_ff=d_ff)
-        except (CostError, SpecError) as exc:
+            workload = Workload(mode=mode, seq_len=seq_len, batch=batch, scope=what, dtype=canonical_dtype(dtype),
+                                n_layers=n_layers, d_ff=d_ff)
+            pred = predict(spec, profile, workload)
+        except (CostError, SpecError, WorkloadError) as exc:
             return None, f"not predictable: {exc}", False, None, None, None
         return (pred.seconds, f"predicted by {pred.profile} ({pred.calibration}), {pred.bound}-bound, path {pred.path}",
                 False, None, pred.calibration, pred.bound)

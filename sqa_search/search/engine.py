@@ -38,6 +38,7 @@ from optuna.trial import TrialState
 
 from .space import SearchSpace, candidate_key, load_space, train_config_from
 from ..layer.spec import AttentionSpec
+from ..speed.workload import Workload
 from .storage import (
     META_FILE,
     SPACE_FILE,
@@ -398,15 +399,13 @@ class Objective:
         t = self.space.target
         total, records = 0.0, []
         for n in t.seq_len:
+            workload = Workload(mode=t.mode, seq_len=n, batch=t.batch, scope=t.what, dtype=t.dtype,
+                                device=_device(t.device) if t.measured else "cpu",
+                                n_layers=self.space.model.n_layers, d_ff=self.space.model.d_ff, threads=t.threads)
             if t.measured:
                 from ..speed.timing import time_spec
 
-                result = time_spec(
-                    spec, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
-                    device=_device(t.device), what=t.what, n_layers=self.space.model.n_layers,
-                    d_ff=self.space.model.d_ff, threads=t.threads, budget_s=t.timing_budget_s,
-                    cache_dir=self.cache_dir,
-                )
+                result = time_spec(spec, workload, budget_s=t.timing_budget_s, cache_dir=self.cache_dir)
                 if result.status != "ok":
                     self._fail(trial, f"timing {result.status}: {result.error}")
                 records.append({"seq_len": n, "median_s": result.median_s, "iqr_s": result.iqr_s,
@@ -414,14 +413,14 @@ class Objective:
                                 "backend": result.backend, "flags": result.flags,
                                 "fingerprint_id": result.fingerprint_id, "peak_mem_bytes": result.peak_mem_bytes})
                 total += result.median_s
-                source = f"measured on {result.fingerprint.get('device_name', result.device)}"
-                trial.set_user_attr("fingerprint", result.fingerprint)
+                source = f"measured on {result.fingerprint.device_name or result.device}"
+                trial.set_user_attr("fingerprint", result.fingerprint.to_dict())
             else:
-                from ..speed.cost import load_profile, predict
+                from ..speed.cost import predict
+                from ..speed.hardware import load_profile
 
                 profile = load_profile(t.hardware)
-                pred = predict(spec, profile, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
-                               what=t.what, n_layers=self.space.model.n_layers, d_ff=self.space.model.d_ff)
+                pred = predict(spec, profile, workload)
                 records.append({"seq_len": n, "predicted_s": pred.seconds, "bound": pred.bound})
                 total += pred.seconds
                 source = f"predicted for {t.hardware} ({pred.calibration})"

@@ -85,7 +85,7 @@ def default_dtype(device_type: str) -> str:
 def _target_device_type(hardware: str, device: str) -> str:
     """cuda or cpu: the device a target's timings run on (local) or its profile describes."""
     if hardware != "local":
-        from ..speed.cost import load_profile
+        from ..speed.hardware import load_profile
 
         return load_profile(hardware).device_type
     if device == "auto":
@@ -379,7 +379,7 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
     t.check_unknown([f.name for f in dataclasses.fields(TargetSection)])
     hardware = t.data.get("hardware", "local")
     if hardware != "local":
-        from ..speed.cost import CostError, list_profiles, load_profile  # only needed for predicted targets
+        from ..speed.hardware import CostError, list_profiles, load_profile  # only needed for predicted targets
 
         try:
             hardware = load_profile(hardware).name  # short names such as h100 resolve here

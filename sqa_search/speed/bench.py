@@ -29,6 +29,8 @@ from pathlib import Path
 from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
 from .._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
 from ..errors import UserError
+from .hardware import Fingerprint
+from .workload import Workload
 
 __all__ = ["add_arguments", "run", "main", "BenchError", "parse_variants", "parse_seq_lens", "DEFAULT_VARIANTS"]
 
@@ -201,11 +203,11 @@ def _validate(args) -> dict:
 
     plan = {"seq_lens": seq_lens, "specs": specs, "modes": modes, "profile": None, "device": None}
     if args.hardware is not None:
-        from ..speed import cost
+        from .hardware import CostError, load_profile
 
         try:
-            plan["profile"] = cost.load_profile(args.hardware)
-        except cost.CostError as exc:  # names the profile and lists the known ones
+            plan["profile"] = load_profile(args.hardware)
+        except CostError as exc:  # names the profile and lists the known ones
             raise BenchError(f"--hardware: {exc}") from None
         default_dtype = "bfloat16" if plan["profile"].device_type == "cuda" else "float32"
         device_type = plan["profile"].device_type
@@ -228,44 +230,45 @@ def _validate(args) -> dict:
 
 
 # ----- measuring and predicting -------------------------------------------------------------
+def _workloads(args, plan, device: str) -> list[Workload]:
+    """The workloads of the grid, by mode, then by N (the short runs first)."""
+    return [Workload(mode=mode, seq_len=n, batch=args.batch, scope=args.what, dtype=plan["dtype"], device=device,
+                     n_layers=plan["n_layers"], threads=args.threads)
+            for mode in plan["modes"] for n in plan["seq_lens"]]
+
+
 def _measure(args, plan) -> list:
     from .timing import time_specs
 
     return time_specs(
-        plan["specs"], seq_lens=plan["seq_lens"], modes=plan["modes"], progress=args.progress,
-        fresh_process=args.fresh_process, desc="bench", batch=args.batch, dtype=plan["dtype"],
-        device=str(plan["device"]), what=args.what, n_layers=plan["n_layers"] if args.what == "model" else None,
-        threads=args.threads, budget_s=args.budget_s, max_repeats=args.max_repeats,
+        plan["specs"], _workloads(args, plan, str(plan["device"])), progress=args.progress,
+        fresh_process=args.fresh_process, desc="bench", budget_s=args.budget_s, max_repeats=args.max_repeats,
         cache_dir=args.cache_dir, use_cache=args.use_cache, force=args.force,
         speed_correction=args.speed_correction, passes=plan["passes"],
     )
 
 
 def _predict(args, plan) -> list:
-    from ..speed import cost
-    from .timing import TimingResult
+    from .cost import CostError, predict
+    from .record import TimingResult
 
     profile = plan["profile"]
     results = []
-    for mode in plan["modes"]:
-        for n in plan["seq_lens"]:
-            for spec in plan["specs"]:
+    for workload in _workloads(args, plan, profile.device_type):
+        mode, n = workload.mode, workload.seq_len
+        for spec in plan["specs"]:
                 rec = TimingResult(
-                    spec=spec.to_dict(), label=spec.label, variant=spec.variant_name or spec.family,
+                    spec=spec, label=spec.label, variant=spec.variant_name or spec.family,
                     mode=mode, what=args.what, batch=args.batch, seq_len=n, dtype=plan["dtype"],
                     device=f"{profile.device_type} (profile {profile.name})", n_layers=plan["n_layers"],
                     predicted=True, mem_kind="not predicted",
-                    fingerprint={"profile": profile.name, "display_name": profile.display_name,
-                                 "calibration": profile.calibration_label},
                 )
-                bytes_each = 2 if plan["dtype"] in ("bfloat16", "float16") else 4
-                rec.kv_cache_bytes = spec.kv_cache_bytes(n, bytes_each, args.batch) * plan["n_layers"]
+                rec.kv_cache_bytes = spec.kv_cache_bytes(n, workload.dtype_bytes, args.batch) * plan["n_layers"]
                 if mode == "decode":
                     rec.kv_cache_tokens = n if spec.window is None else min(n, spec.window)
                 try:
-                    pred = cost.predict(spec, profile, batch=args.batch, seq_len=n, mode=mode, dtype=plan["dtype"],
-                                        what=args.what, n_layers=plan["n_layers"])
-                except (cost.CostError, SpecError, ValueError) as exc:
+                    pred = predict(spec, profile, workload)
+                except (CostError, SpecError, ValueError) as exc:
                     rec.status, rec.error = "error", f"{type(exc).__name__}: {exc}"
                 else:
                     rec.median_s = pred.seconds
@@ -312,7 +315,7 @@ def _baseline_heads(args) -> dict:
 def _speedups(results, args) -> dict:
     """(mode, N, spec) -> (vs MHA, vs GQA): baseline seconds / this spec's seconds."""
     base = _baseline_heads(args)
-    times = {(r.mode, r.seq_len, json.dumps(r.spec, sort_keys=True)): r.median_s for r in results if r.ok}
+    times = {(r.mode, r.seq_len, json.dumps(r.spec.to_dict(), sort_keys=True)): r.median_s for r in results if r.ok}
     out = {}
     for r in results:
         row = []
@@ -333,10 +336,10 @@ def _title(args, plan, results, mode) -> str:
         headline = f"PREDICTED (profile {p.name}, calibration: {p.calibration_label}) -- not measured"
         body = f"{p.display_name}: {MODE_TITLES[mode] if mode else ''}{', ' if mode else ''}{shape}; seconds per step"
         return f"{headline}\n{body}"
-    fp = next((r.fingerprint for r in results if r.fingerprint), {})
-    where = fp.get("device_name") or str(plan["device"])
-    threads = f", {fp.get('threads')} threads" if plan["device"].type == "cpu" else ""
-    headline = f"MEASURED on {plan['device']} ({where}{threads}, torch {fp.get('torch_version', '?')})"
+    fp = next((r.fingerprint for r in results if r.fingerprint), None) or Fingerprint()
+    where = fp.device_name or str(plan["device"])
+    threads = f", {fp.threads} threads" if plan["device"].type == "cpu" else ""
+    headline = f"MEASURED on {plan['device']} ({where}{threads}, torch {fp.torch_version or '?'})"
     pooled = f" pooled from {plan['passes']} passes over the grid" if plan.get("passes", 1) > 1 else ""
     body = (f"{MODE_TITLES[mode] + ', ' if mode else ''}{shape}; seconds per step, median of timed repeats{pooled}")
     correction = _speed_note(results)
@@ -372,9 +375,8 @@ def _matrix(results, plan, mode) -> str:
 
 
 def _find(results, mode, n, spec):
-    d = spec.to_dict()
     for r in results:
-        if r.mode == mode and r.seq_len == n and r.spec == d:
+        if r.mode == mode and r.seq_len == n and r.spec == spec:
             return r
     return None
 
@@ -503,7 +505,7 @@ def _load_note(threads) -> str | None:
 def _csv_rows(results, args, plan):
     speedups = _speedups(results, args)
     for r in results:
-        spec = r.spec
+        spec = r.spec.to_dict()
         pred = r.prediction or {}
         vs_mha, vs_gqa = speedups[id(r)]
         yield {
@@ -543,7 +545,7 @@ def _csv_rows(results, args, plan):
             "status": r.status,
             "error": r.error,
             "hardware": (plan["profile"].display_name if plan["profile"] is not None
-                         else (r.fingerprint or {}).get("device_name")),
+                         else (r.fingerprint.device_name if r.fingerprint else None)),
             "fingerprint_id": r.fingerprint_id or None,
             "profile": plan["profile"].name if plan["profile"] is not None else None,
             "calibration": pred.get("calibration"),

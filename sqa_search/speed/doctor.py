@@ -33,6 +33,7 @@ import torch
 
 from ..errors import UserError
 from ..layer.spec import AttentionSpec
+from .workload import Workload
 
 __all__ = ["Check", "DoctorError", "TOLERANCES", "run_doctor", "add_arguments", "run"]
 
@@ -216,9 +217,9 @@ def _spread_check(device: torch.device, dtype_name: str, quick: bool) -> Check:
     from .timing import time_spec
 
     spec = AttentionSpec.variant("sqa", 256, 16)
-    r = time_spec(spec, seq_len=1024, mode="prefill", dtype=dtype_name, device=device, use_cache=False,
-                  threads=1 if device.type == "cpu" else None, budget_s=0.3 if quick else 1.0, min_repeats=10,
-                  max_repeats=200)
+    workload = Workload(mode="prefill", seq_len=1024, dtype=dtype_name, device=str(device),
+                        threads=1 if device.type == "cpu" else None)
+    r = time_spec(spec, workload, use_cache=False, budget_s=0.3 if quick else 1.0, min_repeats=10, max_repeats=200)
     row = Check("timing: repeat spread (IQR/median)", spec.label, dtype_name, "timing", tolerance=SPREAD_FAIL,
                 backend=r.backend or "")
     if not r.ok:
