@@ -404,3 +404,31 @@ def test_flex_that_would_run_eagerly_is_an_error_record_not_a_timing(cache):
     assert r.status == "error" and r.median_s is None
     assert "FlexFallbackError" in r.error and "eager" in r.error
     assert cached_timings(cache) == []
+
+
+def test_a_cache_file_written_before_the_redesign_reads_back_under_its_key(tmp_path):
+    """tests/fixtures/timing-record-v2.json was written by the previous version (spec and
+    fingerprint as dicts): it loads, its key is the one it was stored under, and the cache finds it."""
+    from pathlib import Path
+
+    from sqa_search.speed import timing_cache
+
+    data = json.loads((Path(__file__).parent / "fixtures" / "timing-record-v2.json").read_text())
+    r = TimingResult.from_dict(data)
+    assert r.key == data["key"] and r.fingerprint_id == r.fingerprint.id == data["fingerprint_id"]
+    assert r.spec == AttentionSpec.from_dict(data["spec"]) and r.workload.mode == "decode"
+    assert r.to_dict()["spec"] == data["spec"]
+    path = tmp_path / r.fingerprint_id / f"{r.key}.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**data, "speed_corrected": False}))  # no probe reference to check against
+    assert timing_cache.load(path, TimingResult.from_dict({**data, "speed_corrected": False}).key).from_cache
+
+
+def test_the_thread_clock_is_for_one_cpu_thread_and_keyed_apart(cache):
+    with pytest.raises(TimingError, match="clock='thread'"):
+        time_spec(spec(), W(64, threads=2), clock="thread")
+    with pytest.raises(TimingError, match="clock='sundial'"):
+        time_spec(spec(), W(64), clock="sundial")
+    wall = time_spec(spec("mqa"), W(64), cache_dir=cache, **FAST)
+    thread = time_spec(spec("mqa"), W(64), cache_dir=cache, clock="thread", **FAST)
+    assert thread.ok and thread.clock == "thread" and thread.key != wall.key and not thread.from_cache

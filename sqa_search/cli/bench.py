@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
+from .._format import fmt_bytes, fmt_x
 from ..layer.spec import VARIANTS
 from ..speed.bench import (DEFAULT_VARIANTS, MODE_CHOICES, BenchError, baseline_heads, bench_records, find,
                            make_plan, speedups, title, write_outputs)
@@ -179,14 +179,14 @@ def _details(results, plan, mode, ratios) -> str:
             row = [spec.label, n, _cell(r)]
             if predicted:
                 pred = r.prediction or {}
-                row += [_fmt_x(vs_mha), _fmt_x(vs_gqa), r.backend or "-", pred.get("bound", "-"),
+                row += [fmt_x(vs_mha), fmt_x(vs_gqa), r.backend or "-", pred.get("bound", "-"),
                         f"{pred['flops'] / 1e9:.3g}" if "flops" in pred else "-",
                         f"{pred['bytes'] / 1e6:.3g}" if "bytes" in pred else "-"]
             else:
-                row += [_fmt_s(r.iqr_s) if r.ok else "-", r.n_repeats or "-", _fmt_x(vs_mha), _fmt_x(vs_gqa),
-                        r.backend or "-", _fmt_bytes(r.peak_mem_bytes)]
+                row += [_fmt_s(r.iqr_s) if r.ok else "-", r.n_repeats or "-", fmt_x(vs_mha), fmt_x(vs_gqa),
+                        r.backend or "-", fmt_bytes(r.peak_mem_bytes)]
             if decode:
-                row += [_fmt_bytes(r.kv_cache_bytes), r.kv_cache_tokens if r.kv_cache_tokens is not None else "-"]
+                row += [fmt_bytes(r.kv_cache_bytes), r.kv_cache_tokens if r.kv_cache_tokens is not None else "-"]
             if not predicted:
                 row.append(",".join(r.flags) or "-")
             rows.append(row)

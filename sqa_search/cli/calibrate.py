@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-MODES = ("train", "prefill", "decode")  # the default of --modes, spelled out so --help stays light
+from ..speed.workload import MODES  # light: no torch
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..common import DTYPE_BYTES
 from ..layer.spec import AttentionSpec
 from .device import TimingError, parse_dtype, resolve_device
 from .hardware import Fingerprint, fingerprint
@@ -175,12 +176,11 @@ def new_record(spec, workload: Workload, *, backend: str = "auto", speed_correct
     corrected = dev.type == "cpu" if speed_correction is None else speed_correction
     n_layers = workload.n_layers if workload.scope == "model" else 1
     fp = fingerprint(dev, dtype_name, threads)
-    bytes_each = torch.empty((), dtype=torch_dtype).element_size()
     record = TimingResult(
         spec=spec, label=spec.label, variant=spec.variant_name or spec.family, mode=workload.mode,
         what=workload.scope, batch=workload.batch, seq_len=workload.seq_len, dtype=dtype_name, device=str(dev),
         n_layers=n_layers, d_ff=workload.d_ff, requested_backend=backend, threads=threads,
-        speed_corrected=corrected, kv_cache_bytes=spec.kv_cache_bytes(workload.seq_len, bytes_each, workload.batch)
-        * n_layers, fingerprint=fp, fingerprint_id=fp.id, timestamp=time.time(), clock=clock,
+        speed_corrected=corrected,
+        kv_cache_bytes=spec.kv_cache_bytes(workload.seq_len, DTYPE_BYTES[dtype_name], workload.batch) * n_layers, fingerprint=fp, fingerprint_id=fp.id, timestamp=time.time(), clock=clock,
     )
     return record, dev, torch_dtype
