@@ -87,9 +87,9 @@ def _print_report(results, args, plan, out=None) -> None:
     out = out or sys.stdout
     ratios = speedups(results, args)
     base = baseline_heads(args)
-    spec_set = set(json.dumps(s.to_dict(), sort_keys=True) for s in plan["specs"])
+    spec_set = set(json.dumps(s.to_dict(), sort_keys=True) for s in plan.specs)
     missing = [k.upper() for k, b in base.items() if b is None or json.dumps(b.to_dict(), sort_keys=True) not in spec_set]
-    for mode in plan["modes"]:
+    for mode in plan.modes:
         print("", file=out)
         print(title(args, plan, results, mode), file=out)
         print(_matrix(results, plan, mode), file=out)
@@ -105,14 +105,14 @@ def _print_report(results, args, plan, out=None) -> None:
     failed = [r for r in results if not r.ok]
     for r in failed:
         print(f"{r.status.upper()}: {r.label} {r.mode} N={r.seq_len}: {r.error}", file=out)
-    if plan["profile"] is None:
+    if plan.profile is None:
         flagged = sorted({f for r in results for f in r.flags})
         if flagged:
             print(f"flags seen: {', '.join(flagged)} (see sqa_search.speed.timing for what each means)", file=out)
         rec = next((r for r in results if r.ok), None)
         if rec is not None:
             print(f"peak memory: {rec.mem_kind}", file=out)
-        if plan["device"].type == "cpu":
+        if plan.device.type == "cpu":
             load = _load_note(rec.threads if rec is not None else None)
             if load:
                 print(load, file=out)
@@ -141,13 +141,13 @@ def _render(headers, rows) -> str:
 
 def _matrix(results, plan, mode) -> str:
     rows = []
-    for spec in plan["specs"]:
+    for spec in plan.specs:
         row = [spec.label]
-        for n in plan["seq_lens"]:
+        for n in plan.seq_lens:
             r = find(results, mode, n, spec)
             row.append(_cell(r))
         rows.append(row)
-    return _render(["variant"] + [f"N={n}" for n in plan["seq_lens"]], rows)
+    return _render(["variant"] + [f"N={n}" for n in plan.seq_lens], rows)
 
 
 def _cell(r) -> str:
@@ -159,7 +159,7 @@ def _cell(r) -> str:
 
 
 def _details(results, plan, mode, ratios) -> str:
-    predicted = plan["profile"] is not None
+    predicted = plan.profile is not None
     decode = mode == "decode"
     if predicted:
         headers = ["variant", "N", "s/step", "vs MHA", "vs GQA", "path", "bound", "GFLOP", "MB moved"]
@@ -170,8 +170,8 @@ def _details(results, plan, mode, ratios) -> str:
     if not predicted:
         headers.append("flags")
     rows = []
-    for n in plan["seq_lens"]:
-        for spec in plan["specs"]:
+    for n in plan.seq_lens:
+        for spec in plan.specs:
             r = find(results, mode, n, spec)
             if r is None:
                 continue
@@ -196,15 +196,15 @@ def _details(results, plan, mode, ratios) -> str:
 def _scaling(results, plan, mode) -> list[str]:
     """How time grows from the smallest to the largest N; windows against full attention."""
     lines = []
-    ns = plan["seq_lens"]
+    ns = plan.seq_lens
     if len(ns) >= 2:
         lo, hi = ns[0], ns[-1]
-        for spec in plan["specs"]:
+        for spec in plan.specs:
             a, b = find(results, mode, lo, spec), find(results, mode, hi, spec)
             if a and b and a.ok and b.ok and a.median_s:
                 lines.append(f"  {spec.label}: t(N={hi}) / t(N={lo}) = {b.median_s / a.median_s:.2f}x "
                              f"(N grew {hi / lo:.0f}x; linear = {hi / lo:.0f}x, quadratic = {(hi / lo) ** 2:.0f}x)")
-    for spec in plan["specs"]:
+    for spec in plan.specs:
         if spec.window is None:
             continue
         full = spec.replace(window=None, n_global=0)

@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import csv
 import json
-import statistics
 import math
+import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import UserError
 from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
-from .hardware import Fingerprint
+from .hardware import Fingerprint, HardwareProfile
 from .source import LatencySource, latency_source
 from .workload import Workload
 
-__all__ = ["BenchError", "parse_variants", "parse_seq_lens", "make_plan", "bench_records", "write_outputs",
+__all__ = ["BenchError", "BenchPlan", "parse_variants", "parse_seq_lens", "make_plan", "bench_records", "write_outputs",
            "plot_figure", "write_plot", "write_csv", "title", "speedups", "baseline_heads", "find", "DEFAULT_VARIANTS",
            "MODE_CHOICES", "MODE_TITLES", "CSV_COLUMNS"]
 
@@ -40,6 +41,21 @@ CSV_COLUMNS = (
     "peak_mem_bytes", "mem_kind", "kv_cache_bytes", "kv_cache_tokens", "status", "error",
     "hardware", "fingerprint_id", "profile", "calibration", "pred_flops", "pred_bytes", "pred_bound",
 )
+
+
+@dataclass
+class BenchPlan:
+    """What a bench run does, every option checked (`make_plan`)."""
+
+    seq_lens: list[int]
+    specs: list[AttentionSpec]
+    modes: list[str]
+    profile: HardwareProfile | None = None  # predicted for this profile, or measured here (None)
+    device: object = None  # the torch.device measured on (None when predicted)
+    dtype: str = "float32"
+    n_layers: int = 1
+    device_type: str = "cpu"
+    passes: int = 1
 
 
 class BenchError(UserError):
@@ -119,9 +135,9 @@ def _positive(option: str, value, low=1):
     return value
 
 
-def make_plan(args) -> dict:
+def make_plan(args) -> BenchPlan:
     """Every check before any work; returns the resolved plan."""
-    from .timing import TimingError, parse_dtype, resolve_device
+    from .device import TimingError, parse_dtype, resolve_device  # lazy: torch
 
     _positive("--d-model", args.d_model)
     _positive("--heads", args.heads)
@@ -145,31 +161,31 @@ def make_plan(args) -> dict:
     if args.mode == "decode" and not args.causal:
         raise BenchError("--mode decode needs causal attention (an encoder has no next token): drop --bidirectional")
 
-    plan = {"seq_lens": seq_lens, "specs": specs, "modes": modes, "profile": None, "device": None}
+    plan = BenchPlan(seq_lens=seq_lens, specs=specs, modes=modes)
     if args.hardware is not None:
         from .hardware import CostError, load_profile
 
         try:
-            plan["profile"] = load_profile(args.hardware)
+            plan.profile = load_profile(args.hardware)
         except CostError as exc:  # names the profile and lists the known ones
             raise BenchError(f"--hardware: {exc}") from None
-        default_dtype = "bfloat16" if plan["profile"].device_type == "cuda" else "float32"
-        device_type = plan["profile"].device_type
+        default_dtype = "bfloat16" if plan.profile.device_type == "cuda" else "float32"
+        device_type = plan.profile.device_type
     else:
         try:
-            plan["device"] = resolve_device(args.device)
+            plan.device = resolve_device(args.device)
         except TimingError as exc:
             raise BenchError(f"--device: {exc}") from None
-        device_type = plan["device"].type
+        device_type = plan.device.type
         default_dtype = "bfloat16" if device_type == "cuda" else "float32"
     try:
-        plan["dtype"] = parse_dtype(args.dtype or default_dtype)[0]
+        plan.dtype = parse_dtype(args.dtype or default_dtype)[0]
     except TimingError:
         raise BenchError(f"--dtype: {args.dtype!r} is not known: choose one of float32, bfloat16, float16") from None
-    plan["n_layers"] = (args.layers or 8) if args.what == "model" else 1
-    plan["device_type"] = device_type
+    plan.n_layers = (args.layers or 8) if args.what == "model" else 1
+    plan.device_type = device_type
     # on a CPU the machine's speed wanders in spells of seconds: spread each point over the sweep
-    plan["passes"] = _positive("--passes", args.passes) or (3 if device_type == "cpu" else 1)
+    plan.passes = _positive("--passes", args.passes) or (3 if device_type == "cpu" else 1)
     return plan
 
 
@@ -177,20 +193,20 @@ def make_plan(args) -> dict:
 # ----- records ---------------------------------------------------------------------------------
 def workloads(args, plan, device: str) -> list[Workload]:
     """The workloads of the grid, by mode, then by N (the short runs first)."""
-    return [Workload(mode=mode, seq_len=n, batch=args.batch, scope=args.what, dtype=plan["dtype"], device=device,
-                     n_layers=plan["n_layers"], threads=args.threads)
-            for mode in plan["modes"] for n in plan["seq_lens"]]
+    return [Workload(mode=mode, seq_len=n, batch=args.batch, scope=args.what, dtype=plan.dtype, device=device,
+                     n_layers=plan.n_layers, threads=args.threads)
+            for mode in plan.modes for n in plan.seq_lens]
 
 
 def bench_records(args, plan) -> list:
     """Every point of the plan's grid, measured here or predicted for its profile: one record each."""
-    if plan["profile"] is not None:
-        source = LatencySource(plan["profile"].name, plan["profile"])
-        return source.records(plan["specs"], workloads(args, plan, plan["profile"].device_type))
+    if plan.profile is not None:
+        source = LatencySource(plan.profile.name, plan.profile)
+        return source.records(plan.specs, workloads(args, plan, plan.profile.device_type))
     source = latency_source("local", budget_s=args.budget_s, max_repeats=args.max_repeats, cache_dir=args.cache_dir,
                             use_cache=args.use_cache, force=args.force, speed_correction=args.speed_correction)
-    return source.records(plan["specs"], workloads(args, plan, str(plan["device"])), progress=args.progress,
-                          fresh_process=args.fresh_process, desc="bench", passes=plan["passes"])
+    return source.records(plan.specs, workloads(args, plan, str(plan.device)), progress=args.progress,
+                          fresh_process=args.fresh_process, desc="bench", passes=plan.passes)
 
 
 def write_outputs(out: Path, results, args, plan) -> list[Path]:
@@ -233,19 +249,19 @@ def speedups(results, args) -> dict:
 
 
 def title(args, plan, results, mode) -> str:
-    what = {"layer": "attention layer", "block": "one block", "model": f"{plan['n_layers']}-layer proxy model"}[args.what]
+    what = {"layer": "attention layer", "block": "one block", "model": f"{plan.n_layers}-layer proxy model"}[args.what]
     shape = (f"{what}, d_model {args.d_model}, H {args.heads}, {'causal' if args.causal else 'bidirectional'}, "
-             f"batch {args.batch}, {plan['dtype']}")
-    if plan["profile"] is not None:
-        p = plan["profile"]
+             f"batch {args.batch}, {plan.dtype}")
+    if plan.profile is not None:
+        p = plan.profile
         headline = f"PREDICTED (profile {p.name}, calibration: {p.calibration_label}) -- not measured"
         body = f"{p.display_name}: {MODE_TITLES[mode] if mode else ''}{', ' if mode else ''}{shape}; seconds per step"
         return f"{headline}\n{body}"
     fp = next((r.fingerprint for r in results if r.fingerprint), None) or Fingerprint()
-    where = fp.device_name or str(plan["device"])
-    threads = f", {fp.threads} threads" if plan["device"].type == "cpu" else ""
-    headline = f"MEASURED on {plan['device']} ({where}{threads}, torch {fp.torch_version or '?'})"
-    pooled = f" pooled from {plan['passes']} passes over the grid" if plan.get("passes", 1) > 1 else ""
+    where = fp.device_name or str(plan.device)
+    threads = f", {fp.threads} threads" if plan.device.type == "cpu" else ""
+    headline = f"MEASURED on {plan.device} ({where}{threads}, torch {fp.torch_version or '?'})"
+    pooled = f" pooled from {plan.passes} passes over the grid" if plan.passes > 1 else ""
     body = (f"{MODE_TITLES[mode] + ', ' if mode else ''}{shape}; seconds per step, median of timed repeats{pooled}")
     correction = speed_note(results)
     return f"{headline}\n{body}" + (f"\n{correction}" if correction else "")
@@ -319,10 +335,10 @@ def csv_rows(results, args, plan):
             "kv_cache_tokens": r.kv_cache_tokens,
             "status": r.status,
             "error": r.error,
-            "hardware": (plan["profile"].display_name if plan["profile"] is not None
+            "hardware": (plan.profile.display_name if plan.profile is not None
                          else (r.fingerprint.device_name if r.fingerprint else None)),
             "fingerprint_id": r.fingerprint_id or None,
-            "profile": plan["profile"].name if plan["profile"] is not None else None,
+            "profile": plan.profile.name if plan.profile is not None else None,
             "calibration": pred.get("calibration"),
             "pred_flops": pred.get("flops"),
             "pred_bytes": pred.get("bytes"),
@@ -331,8 +347,8 @@ def csv_rows(results, args, plan):
 
 
 def stem(args, plan) -> str:
-    source = f"predicted-{plan['profile'].name}" if plan["profile"] is not None else f"measured-{plan['device_type']}"
-    return f"bench-{source}-{args.what}-{args.mode}-{plan['dtype']}"
+    source = f"predicted-{plan.profile.name}" if plan.profile is not None else f"measured-{plan.device_type}"
+    return f"bench-{source}-{args.what}-{args.mode}-{plan.dtype}"
 
 
 def write_csv(path: Path, results, args, plan) -> None:
@@ -354,11 +370,11 @@ def plot_figure(results, args, plan):
 
     from .._figures import fit_text
 
-    modes = plan["modes"]
+    modes = plan.modes
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False, dpi=110)
     for ax, mode in zip(axes[0], modes):
-        for spec in plan["specs"]:
-            pts = [(n, r.median_s) for n in plan["seq_lens"]
+        for spec in plan.specs:
+            pts = [(n, r.median_s) for n in plan.seq_lens
                    if (r := find(results, mode, n, spec)) is not None and r.ok and r.median_s]
             if not pts:
                 continue
@@ -367,7 +383,7 @@ def plot_figure(results, args, plan):
             ax.plot(xs, ys, style, marker="o", label=spec.label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks(plan["seq_lens"], [str(n) for n in plan["seq_lens"]])
+        ax.set_xticks(plan.seq_lens, [str(n) for n in plan.seq_lens])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the N that were run
         ax.set_xlabel("sequence length N")
         ax.set_ylabel("seconds per step")

@@ -267,7 +267,7 @@ def _event_check(device: torch.device, dtype_name: str) -> Check:
 
 # ----- the command ---------------------------------------------------------------------------------
 def resolve(device: str, dtypes: str | None) -> tuple[torch.device, tuple]:
-    from .timing import TimingError, resolve_device
+    from .device import TimingError, resolve_device
 
     try:
         dev = resolve_device(device)

@@ -75,7 +75,7 @@ import torch
 from ..common import is_oom
 from ..layer.spec import AttentionSpec
 from . import timing_cache
-from .device import TimingError, parse_dtype, resolve_device
+from .device import TimingError
 from .isolated import RESULT_MARKER, time_spec_subprocess
 from .job import build_job
 from .measure import MIN_REPEATS, REPEAT_FLAGS, WARMUP_MAX, WARMUP_MIN, backend_parts, measure, speed_probe, summarise
@@ -90,8 +90,6 @@ __all__ = [
     "time_points",
     "time_specs",
     "merge_passes",
-    "parse_dtype",
-    "resolve_device",
 ]
 
 
