@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
-from .hardware import Fingerprint, HardwareProfile
+from .hardware import CostError, Fingerprint, HardwareProfile, load_profile
 from .source import LatencySource, latency_source
 from .workload import Workload
 
@@ -163,8 +163,6 @@ def make_plan(args) -> BenchPlan:
 
     plan = BenchPlan(seq_lens=seq_lens, specs=specs, modes=modes)
     if args.hardware is not None:
-        from .hardware import CostError, load_profile
-
         try:
             plan.profile = load_profile(args.hardware)
         except CostError as exc:  # names the profile and lists the known ones

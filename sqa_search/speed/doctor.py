@@ -30,6 +30,8 @@ import torch
 
 from ..errors import UserError
 from ..layer.spec import AttentionSpec
+from .device import TimingError, resolve_device
+from .timing import time_spec
 from .workload import Workload
 
 __all__ = ["Check", "DoctorError", "TOLERANCES", "run_doctor", "resolve"]
@@ -211,8 +213,6 @@ def _judge(row: Check, case: _Case, device: torch.device) -> None:
 
 # ----- timing sanity -------------------------------------------------------------------------------
 def _spread_check(device: torch.device, dtype_name: str, quick: bool) -> Check:
-    from .timing import time_spec
-
     spec = AttentionSpec.variant("sqa", 256, 16)
     workload = Workload(mode="prefill", seq_len=1024, dtype=dtype_name, device=str(device),
                         threads=1 if device.type == "cpu" else None)
@@ -267,8 +267,6 @@ def _event_check(device: torch.device, dtype_name: str) -> Check:
 
 # ----- the command ---------------------------------------------------------------------------------
 def resolve(device: str, dtypes: str | None) -> tuple[torch.device, tuple]:
-    from .device import TimingError, resolve_device
-
     try:
         dev = resolve_device(device)
     except TimingError as exc:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..common import DTYPE_BYTES
+from ..layer.attention import BACKENDS
 from ..layer.spec import AttentionSpec
 from .device import TimingError, parse_dtype, resolve_device
 from .hardware import Fingerprint, fingerprint
@@ -151,8 +152,6 @@ def new_record(spec, workload: Workload, *, backend: str = "auto", speed_correct
     """Check a request and return (its record with nothing measured, device, torch dtype).
 
     The workload's n_layers counts only for scope "model" (a layer or a block is recorded as 1)."""
-    from ..layer.attention import BACKENDS  # the layer module is heavy; only a timing needs it
-
     spec = AttentionSpec.coerce(spec)
     if not isinstance(workload, Workload):
         raise TimingError(f"workload={workload!r} is not allowed: give a sqa_search.speed.workload.Workload")
