@@ -28,6 +28,7 @@ __all__ = ["evaluate_all", "replay", "main"]
 def evaluate_all(space: SearchSpace, cache: Path | None = None, progress: bool = True) -> list[dict]:
     """Quality and latency of every candidate, cached in a JSON file so reruns are free."""
     from sqa_search.speed.timing import time_spec
+    from sqa_search.speed.workload import DEFAULT_MODEL_LAYERS, Workload
     from sqa_search.quality.train import train_spec
 
     table = json.loads(cache.read_text()) if cache and cache.is_file() else {}
@@ -43,8 +44,10 @@ def evaluate_all(space: SearchSpace, cache: Path | None = None, progress: bool =
         key = candidate_key(spec)
         if key in table:
             continue
-        timing = time_spec(spec, batch=t.batch, seq_len=t.seq_len[0], mode=t.mode, dtype=t.dtype, device="cpu",
-                           what=t.what, threads=t.threads, budget_s=t.timing_budget_s)
+        # a model scope times the paper's 8 layers, as the loose-keyword call did before
+        workload = Workload(mode=t.mode, seq_len=t.seq_len[0], batch=t.batch, scope=t.what, dtype=t.dtype,
+                            device="cpu", n_layers=DEFAULT_MODEL_LAYERS, threads=t.threads)
+        timing = time_spec(spec, workload, budget_s=t.timing_budget_s)
         result = train_spec(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, progress=False)
         quality = getattr(result, space.objectives.quality)
         table[key] = {"label": spec.label, "params": params_of(spec), "quality": quality,

@@ -124,7 +124,7 @@ assert 'sqa_search' not in sys.modules and torch.isfinite(y).all()
 
 # 6. calibrate the cost model for this machine; the report has the datasheet profile's error on the
 #    same points before calibration (fit_mape_before) and the held-out error after
-step calibrate $PY -m sqa_search.speed.cost calibrate --profile "$CAL_PROFILE" --device "$DEVICE" --dtype "$DTYPE" \
+step calibrate sqa-search calibrate --profile "$CAL_PROFILE" --device "$DEVICE" --dtype "$DTYPE" \
   "${CAL_EXTRA[@]}" --save
 mkdir -p "$OUT/profile" && cp "$SQA_SEARCH_CACHE"/profiles/*.yaml "$OUT/profile/" 2>/dev/null
 

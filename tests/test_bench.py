@@ -8,10 +8,12 @@ import json
 
 import pytest
 
+from sqa_search.cli import bench as cli_bench
+from sqa_search.cli import main as cli_main
 from sqa_search.speed import bench
 from sqa_search._figures import text_outside
 from sqa_search.layer.spec import AttentionSpec
-from sqa_search.speed.timing import TimingResult
+from sqa_search.speed.record import TimingResult
 
 TINY = ["--d-model", "64", "--heads", "8", "--threads", "1", "--budget-s", "0.02", "--max-repeats", "4",
         "--no-progress"]
@@ -22,9 +24,14 @@ def read_csv(path):
         return list(csv.DictReader(f))
 
 
+def run_bench(argv):
+    """`sqa-search bench ARGV` (parsing, work and printing, as a user runs it)."""
+    return cli_main(["bench", *argv])
+
+
 def parsed(argv):
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    cli_bench.add_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -39,7 +46,7 @@ def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     out = tmp_path / "out"
     argv = TINY + ["--seq-lens", "64,128", "--variants", "mha,gqa,sqa,swsqa", "--window", "32",
                    "--mode", "both", "--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    rc = bench.main(argv)
+    rc = run_bench(argv)
     assert rc == 0
     text = capsys.readouterr().out
     assert "MEASURED on cpu" in text and "PREDICTED" not in text
@@ -68,13 +75,13 @@ def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     assert len(records) == len(rows)
     # the plot of these records, with the measured title (device, threads, passes, speed correction)
     args = parsed(argv)
-    fig = bench.plot_figure(records, args, bench._validate(args))
+    fig = bench.plot_figure(records, args, bench.make_plan(args))
     assert "MEASURED on cpu" in fig.get_suptitle() and "pooled from" in fig.get_suptitle()
     assert text_outside(fig) == []
 
 
 def test_bench_decode_reports_the_kv_cache(tmp_path, capsys):
-    rc = bench.main(TINY + ["--seq-lens", "96", "--variants", "mha,mqa,swsqa", "--window", "32", "--mode", "decode",
+    rc = run_bench(TINY + ["--seq-lens", "96", "--variants", "mha,mqa,swsqa", "--window", "32", "--mode", "decode",
                             "--out", str(tmp_path), "--no-cache"])
     assert rc == 0
     assert "KV cache" in capsys.readouterr().out
@@ -100,7 +107,7 @@ def test_cli_wires_the_bench(tmp_path, capsys):
 
 
 def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
-    rc = bench.main(["--hardware", "h100-sxm", "--seq-lens", "1k,4k", "--mode", "both", "--out", str(tmp_path),
+    rc = run_bench(["--hardware", "h100-sxm", "--seq-lens", "1k,4k", "--mode", "both", "--out", str(tmp_path),
                      "--no-progress"])
     assert rc == 0
     text = capsys.readouterr().out
@@ -121,13 +128,13 @@ def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
 def test_plot_fits_its_title(tmp_path):
     """The default one-panel plot: its two-line PREDICTED title was wider than the figure."""
     args = parsed(["--hardware", "a100-80gb", "--what", "model", "--seq-lens", "1k,4k", "--no-progress"])
-    plan = bench._validate(args)
-    fig = bench.plot_figure(bench._predict(args, plan), args, plan)
+    plan = bench.make_plan(args)
+    fig = bench.plot_figure(bench.bench_records(args, plan), args, plan)
     title = " ".join(fig.get_suptitle().split())
-    assert title == " ".join(bench._title(args, plan, [], None).split())  # wrapped, every word kept
+    assert title == " ".join(bench.title(args, plan, [], None).split())  # wrapped, every word kept
     assert title.startswith("PREDICTED (profile a100-80gb") and "not measured" in title
     assert text_outside(fig) == []
-    bench.write_plot(tmp_path / "plot.png", bench._predict(args, plan), args, plan)
+    bench.write_plot(tmp_path / "plot.png", bench.bench_records(args, plan), args, plan)
     assert (tmp_path / "plot.png").stat().st_size > 10_000
 
 
@@ -149,7 +156,7 @@ def test_plot_fits_its_title(tmp_path):
 )
 def test_bad_options_fail_before_any_work(argv, needles, tmp_path, capsys):
     out = tmp_path / "never"
-    rc = bench.main(argv + ["--out", str(out), "--no-progress"])
+    rc = run_bench(argv + ["--out", str(out), "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
     for needle in needles:

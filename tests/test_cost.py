@@ -11,17 +11,13 @@ import pytest
 import torch
 
 from sqa_search import AttentionSpec, SparseQueryAttention
-from sqa_search.speed import cost
-from sqa_search.speed.cost import (
-    CostError,
-    HardwareProfile,
-    calibrate,
-    list_profiles,
-    load_profile,
-    predict,
-    save_profile,
-    step_cost,
-)
+from sqa_search.speed import calibrate as calibration
+from sqa_search.speed import cost, hardware, phases
+from sqa_search.speed.calibrate import calibrate
+from sqa_search.speed.cost import CostError, predict, step_cost
+from sqa_search.speed.hardware import HardwareProfile, list_profiles, load_profile, save_profile
+from sqa_search.speed.record import TimingResult
+from sqa_search.speed.workload import Workload, WorkloadError
 
 REQUIRED_PROFILES = ("a100-40gb", "a100-80gb", "h100-sxm", "h200", "l40s", "l4", "rtx4090", "cpu-generic")
 
@@ -30,6 +26,11 @@ REQUIRED_PROFILES = ("a100-40gb", "a100-80gb", "h100-sxm", "h200", "l40s", "l4",
 def _private_cache(tmp_path, monkeypatch):
     """Keep every test away from the real ~/.cache calibration directory."""
     monkeypatch.setenv("SQA_SEARCH_CACHE", str(tmp_path / "cache"))
+
+
+def wl(*, seq_len, mode, batch=1, dtype="float32", what="layer", n_layers=1, d_ff=None):
+    """The workload of a prediction, from the keywords the tests spell out."""
+    return Workload(mode=mode, seq_len=seq_len, batch=batch, scope=what, dtype=dtype, n_layers=n_layers, d_ff=d_ff)
 
 
 def total(phases, attr, kinds=None):
@@ -283,7 +284,7 @@ def test_flex_tiles_are_the_block_masks():
         kv_num, _, full_num, _ = flex_kv_blocks(Visibility(spec.causal, spec.window), n, spec.n_global)
         blocks = (kv_num + full_num).flatten().tolist()
         rows = [min(FLEX_BLOCK, n - i * FLEX_BLOCK) for i in range(len(blocks))]
-        assert cost._flex_pairs(spec, n, FLEX_BLOCK) == sum(r * k * FLEX_BLOCK for r, k in zip(rows, blocks))
+        assert phases.flex_pairs(spec, n, FLEX_BLOCK) == sum(r * k * FLEX_BLOCK for r, k in zip(rows, blocks))
 
 
 def test_auto_path_is_the_layers_choice():
@@ -291,7 +292,7 @@ def test_auto_path_is_the_layers_choice():
 
     from sqa_search.layer import attention
 
-    assert cost.FLEX_MIN_HEAD_DIM == attention.FLEX_MIN_HEAD_DIM
+    assert phases.FLEX_MIN_HEAD_DIM == attention.FLEX_MIN_HEAD_DIM
     specs = [AttentionSpec.variant(v, d, h, **kw) for v, kw in (("sqa", {}), ("swsqa", {}), ("flexsqa", {}),
                                                                ("sqa", {"n_global": 2}))
              for d, h in ((64, 8), (128, 8))]  # head_dim 8 (no compiled flex) and 16
@@ -301,7 +302,7 @@ def test_auto_path_is_the_layers_choice():
             for device in ("cpu", "cuda"):
                 # choose_backend reads only the length and the device of its input
                 x = types.SimpleNamespace(shape=(1, n, spec.d_model), is_cuda=device == "cuda")
-                assert cost._attention_path(spec, n, device) == layer.choose_backend(x), (spec.label, n, device)
+                assert phases.attention_path(spec, n, device) == layer.choose_backend(x), (spec.label, n, device)
 
 def test_block_and_model_scope():
     spec = AttentionSpec.variant("sqa", 256, 16)
@@ -363,17 +364,21 @@ def test_unknown_profile_lists_known_names():
 
 def test_bad_inputs_name_field_value_and_choices():
     spec = AttentionSpec.variant("sqa", 64, 4)
-    with pytest.raises(CostError, match=r"mode='infer'.*train, prefill, decode"):
-        predict(spec, "h100-sxm", batch=1, seq_len=64, mode="infer", dtype="bf16")
-    with pytest.raises(CostError, match=r"dtype='int8'.*bfloat16"):
-        predict(spec, "h100-sxm", batch=1, seq_len=64, mode="prefill", dtype="int8")
+    with pytest.raises(WorkloadError, match=r"mode='infer'.*train, prefill, decode"):
+        predict(spec, "h100-sxm", wl(batch=1, seq_len=64, mode="infer", dtype="bfloat16"))
+    with pytest.raises(WorkloadError, match=r"dtype='int8'.*bfloat16"):
+        predict(spec, "h100-sxm", wl(batch=1, seq_len=64, mode="prefill", dtype="int8"))
     with pytest.raises(CostError, match=r"what='everything'.*layer, block, model"):
         step_cost(spec, batch=1, seq_len=64, mode="prefill", what="everything")
     with pytest.raises(CostError, match=r"batch=0"):
         step_cost(spec, batch=0, seq_len=64, mode="prefill")
     with pytest.raises(CostError, match="causal"):
         step_cost(spec.replace(causal=False), batch=1, seq_len=64, mode="decode")
-    assert predict(spec, "h100-sxm", batch=1, seq_len=64, mode="prefill", dtype=torch.bfloat16).dtype == "bfloat16"
+    with pytest.raises(CostError, match=r"dtype='float64'"):  # a Workload dtype no profile has a peak for
+        predict(spec, "h100-sxm", wl(batch=1, seq_len=64, mode="prefill", dtype="float64"))
+    with pytest.raises(CostError, match="workload="):
+        predict(spec, "h100-sxm", 64)
+    assert predict(spec, "h100-sxm", wl(batch=1, seq_len=64, mode="prefill", dtype="bfloat16")).dtype == "bfloat16"
 
 
 def test_bad_profile_file(tmp_path):
@@ -392,13 +397,13 @@ def test_save_load_and_precedence(tmp_path):
     mine = dataclasses.replace(shipped, efficiency={**shipped.efficiency, "matmul": 0.9}, calibration={
         "fingerprint": "test box", "date": "2025-01-01", "n_points": 3, "heldout_mape": 0.1})
     path = save_profile(mine)  # default: the user calibration directory
-    assert path == cost.user_profile_dir() / "l4.yaml" and path.is_file()
+    assert path == hardware.user_profile_dir() / "l4.yaml" and path.is_file()
     assert str(tmp_path) in str(path)
     loaded = load_profile("l4")
     assert loaded.efficiency["matmul"] == 0.9 and loaded.calibration["fingerprint"] == "test box"
     assert load_profile("l4", calibrated=False).efficiency["matmul"] == shipped.efficiency["matmul"]
     assert load_profile(str(path)).efficiency["matmul"] == 0.9
-    p = predict(AttentionSpec.variant("sqa", 64, 4), "l4", batch=1, seq_len=64, mode="prefill", dtype="bf16")
+    p = predict(AttentionSpec.variant("sqa", 64, 4), "l4", wl(batch=1, seq_len=64, mode="prefill", dtype="bfloat16"))
     assert p.calibration == "calibrated on test box 2025-01-01, 3 points, held-out MAPE 10.0%"
     # a custom name saved there becomes a known profile
     save_profile(dataclasses.replace(mine, name="my-l4"))
@@ -408,9 +413,12 @@ def test_save_load_and_precedence(tmp_path):
 # ----- predictions -------------------------------------------------------------------------------------
 def test_prediction_is_labelled():
     spec = AttentionSpec.variant("sqa", 256, 16)
-    p = predict(spec, "a100-80gb", batch=1, seq_len=4096, mode="prefill", dtype="bfloat16")
+    p = predict(spec, "a100-80gb", wl(batch=1, seq_len=4096, mode="prefill", dtype="bfloat16"))
     assert p.source == "predicted" and p.profile == "a100-80gb"
     assert p.calibration == "uncalibrated datasheet figures"
+    lat = p.latency  # the shape every latency source gives
+    assert lat.kind == "predicted" and not lat.measured and lat.seconds == p.seconds and lat.seq_len == 4096
+    assert lat.label == "predicted for a100-80gb (uncalibrated datasheet figures)"
     assert p.seconds > 0 and p.flops > 0 and p.bytes > 0 and p.bound in ("compute", "memory", "overhead")
     d = p.to_dict()
     json.dumps(d)
@@ -423,7 +431,7 @@ def test_prediction_is_labelled():
 def test_prefill_scales_with_query_heads(profile, what):
     n = 32768
     kw = dict(batch=1, seq_len=n, mode="prefill", dtype="bfloat16", what=what, n_layers=8)
-    preds = {v: predict(AttentionSpec.variant(v, 256, 16), profile, **kw) for v in ("mha", "gqa", "sqa", "xsqa")}
+    preds = {v: predict(AttentionSpec.variant(v, 256, 16), profile, wl(**kw)) for v in ("mha", "gqa", "sqa", "xsqa")}
     assert preds["xsqa"].flops < preds["sqa"].flops < preds["mha"].flops
     assert preds["xsqa"].seconds < preds["sqa"].seconds < preds["mha"].seconds
     # GQA cuts KV heads, not the N^2 work: no prefill speed-up worth the name
@@ -435,7 +443,7 @@ def test_prefill_ratios_near_the_paper():
     # SQA paper, A100, 8-layer d=256 H=16 dense model, forward, N=32k (seconds): xSQA 0.135,
     # SQA 0.199, GQA 0.364, MHA 0.373. Absolute times depend on their kernels; ratios should agree.
     kw = dict(batch=1, seq_len=32768, mode="prefill", dtype="bfloat16", what="model", n_layers=8)
-    t = {v: predict(AttentionSpec.variant(v, 256, 16), "a100-80gb", **kw).seconds
+    t = {v: predict(AttentionSpec.variant(v, 256, 16), "a100-80gb", wl(**kw)).seconds
          for v in ("mha", "gqa", "sqa", "xsqa")}
     assert t["sqa"] / t["mha"] == pytest.approx(0.199 / 0.373, rel=0.25)
     assert t["xsqa"] / t["mha"] == pytest.approx(0.135 / 0.373, rel=0.35)
@@ -445,7 +453,7 @@ def test_prefill_ratios_near_the_paper():
 @pytest.mark.parametrize("profile", ["a100-80gb", "h100-sxm", "rtx4090"])
 def test_decode_is_memory_bound_and_governed_by_kv_heads(profile):
     kw = dict(batch=16, seq_len=32768, mode="decode", dtype="bfloat16")
-    p = {v: predict(AttentionSpec.variant(v, 1024, 16), profile, **kw) for v in ("mha", "gqa", "mqa", "sqa", "xsqa")}
+    p = {v: predict(AttentionSpec.variant(v, 1024, 16), profile, wl(**kw)) for v in ("mha", "gqa", "mqa", "sqa", "xsqa")}
     assert p["mqa"].seconds < p["gqa"].seconds < p["mha"].seconds
     assert p["mha"].bound == "memory" and p["gqa"].bound == "memory"
     # SQA has GQA's KV heads: fewer query heads buy (almost) nothing at decode
@@ -457,7 +465,7 @@ def test_decode_is_memory_bound_and_governed_by_kv_heads(profile):
 def test_sliding_window_wins_at_long_context():
     kw = dict(batch=1, mode="prefill", dtype="bfloat16")
     sqa, sw = AttentionSpec.variant("sqa", 256, 16), AttentionSpec.variant("swsqa", 256, 16)
-    long = [predict(s, "h100-sxm", seq_len=131072, **kw).seconds for s in (sqa, sw)]
+    long = [predict(s, "h100-sxm", wl(seq_len=131072, **kw)).seconds for s in (sqa, sw)]
     assert long[1] < 0.2 * long[0]
 
 
@@ -471,7 +479,7 @@ def _synthetic_records(truth: HardwareProfile, noise=0.03, seed=0):
         for n in (256, 1024, 4096):
             spec = AttentionSpec.variant(variant, 128, 8)
             for mode in ("prefill", "train", "decode"):
-                t = predict(spec, truth, batch=2, seq_len=n, mode=mode, dtype="float32").seconds
+                t = predict(spec, truth, wl(batch=2, seq_len=n, mode=mode, dtype="float32")).seconds
                 records.append({"spec": spec.to_dict(), "mode": mode, "what": "layer", "batch": 2, "seq_len": n,
                                 "dtype": "float32", "median_s": t * math.exp(rng.gauss(0, noise)), "status": "ok",
                                 "fingerprint": {"cpu_model": "synthetic"}, "predicted": False})
@@ -504,23 +512,9 @@ def test_calibrate_recovers_known_factors():
 
 
 def test_calibrate_accepts_timing_result_objects():
-    @dataclasses.dataclass
-    class FakeTimingResult:  # the fields sqa_search.speed.timing.TimingResult carries
-        spec: dict
-        mode: str
-        what: str
-        batch: int
-        seq_len: int
-        dtype: str
-        device: str
-        median_s: float
-        status: str
-        fingerprint: dict
-        predicted: bool
-
-    objs = [FakeTimingResult(device="cpu", **{k: r[k] for k in ("spec", "mode", "what", "batch", "seq_len", "dtype",
-                                                                "median_s", "status", "fingerprint", "predicted")})
+    objs = [TimingResult.from_dict({"label": "", "variant": "", "device": "cpu", **r})
             for r in _synthetic_records(load_profile("cpu-generic"))[:12]]
+    assert all(isinstance(o.spec, AttentionSpec) for o in objs)
     calibrated, report = calibrate("cpu-generic", objs)
     assert report.n_points == 12 and math.isfinite(report.heldout_mape)
 
@@ -576,7 +570,7 @@ def test_calibrate_on_real_cpu_timings(cpu_timings):
     assert math.isfinite(report.heldout_mape) and report.heldout_mape < 0.5
     # and a configuration at a length no point has (N=512), timed here now
     spec = AttentionSpec.variant("sqa", 128, 8)
-    p = predict(spec, calibrated, batch=1, seq_len=512, mode="prefill", dtype="float32")
+    p = predict(spec, calibrated, wl(batch=1, seq_len=512, mode="prefill", dtype="float32"))
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -588,7 +582,7 @@ def test_calibrate_on_real_cpu_timings(cpu_timings):
     assert 0.5 < p.seconds / measured < 2.0
     assert p.calibration.startswith("calibrated on test machine") and p.source == "predicted"
     # the calibrated profile survives a save/load round trip
-    again = load_profile(str(save_profile(calibrated, cost.user_profile_dir())))
+    again = load_profile(str(save_profile(calibrated, hardware.user_profile_dir())))
     assert again.efficiency == pytest.approx(calibrated.efficiency)
     assert again.calibration["heldout_mape"] == pytest.approx(report.heldout_mape)
     print(report.summary())
@@ -600,24 +594,24 @@ def test_real_timings_order_like_predictions(cpu_timings):
          if r["seq_len"] == 1024 and r["spec"]["d_model"] == 128}
     assert t["xsqa"] < t["gqa"]
     kw = dict(batch=1, seq_len=1024, mode="prefill", dtype="float32")
-    pred = {v: predict(AttentionSpec.variant(v, 128, 8), "cpu-generic", **kw).seconds for v in ("xsqa", "sqa", "gqa")}
+    pred = {v: predict(AttentionSpec.variant(v, 128, 8), "cpu-generic", wl(**kw)).seconds for v in ("xsqa", "sqa", "gqa")}
     assert pred["xsqa"] < pred["sqa"] < pred["gqa"]
 
 
 def test_calibrate_speed_correction_is_for_cpu_only():
     with pytest.raises(CostError, match="speed_correction"):
-        cost.calibrate_from_measurements("cpu-generic", device="cuda", clock="wall", speed_correction=True)
+        calibration.calibrate_from_measurements("cpu-generic", device="cuda", clock="wall", speed_correction=True)
 
 
 def test_calibrate_from_measurements_smoke(monkeypatch):
     configs = [{"variant": v, "d_model": 64, "n_heads": 4, "seq_len": 256, "batch": 1} for v in ("mha", "sqa", "xsqa")]
-    calibrated, report, records = cost.calibrate_from_measurements(
+    calibrated, report, records = calibration.calibrate_from_measurements(
         "cpu-generic", configs=configs, modes=("prefill", "decode"), repeats=1, passes=1, save=True)
-    assert len(records) == 6 and all(r["status"] == "ok" and r["median_s"] > 0 for r in records)
-    assert records[0]["fingerprint"]["clock"] == "thread-cpu-time"
+    # timed by the one timing harness: its records, on the thread clock (one thread, CPU)
+    assert len(records) == 6 and all(isinstance(r, TimingResult) and r.ok and r.median_s > 0 for r in records)
+    assert all(r.clock == "thread" and r.passes == 1 and r.n_repeats >= 1 for r in records)
     # on the scale bench measures: corrected to the machine's stored reference speed
-    refs = records[0]["fingerprint"]["reference_probe_s"]
-    assert records[0]["fingerprint"]["speed_corrected"] and set(refs) == {"prefill", "decode"}
-    assert all(ref > 0 for ref in refs.values())
+    assert all(r.speed_corrected and r.reference_probe_s > 0 for r in records)
+    assert {r.mode for r in records} == {"prefill", "decode"}
     assert load_profile("cpu-generic").calibration is not None  # saved where load_profile looks first
     assert report.modes == ["decode", "prefill"]

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from sqa_search.speed.cost import load_profile
+from sqa_search.speed.hardware import load_profile
 from sqa_search.decide.recommend import (
     PAPER_CITATION,
     PAPER_QUALITY,
@@ -170,9 +170,9 @@ ROWS = [(AttentionSpec.variant("mha", 64, 8), 2.000, 0.010),
 
 
 def _here():
-    from sqa_search.speed.timing import fingerprint
+    from sqa_search.speed.hardware import fingerprint
 
-    return fingerprint("cpu")
+    return fingerprint("cpu").to_dict()  # as a study stores it
 
 
 def test_study_measured_here_is_used_for_local(tmp_path):

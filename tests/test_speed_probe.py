@@ -11,7 +11,8 @@ import torch
 from sqa_search.speed import probe as speed_probe
 from sqa_search.layer.spec import AttentionSpec
 from sqa_search.speed.probe import SpeedProbe, corrected_times, machine_reference, stored_reference
-from sqa_search.speed.timing import _build_job, _measure
+from sqa_search.speed.job import build_job
+from sqa_search.speed.measure import measure
 
 
 @pytest.fixture(scope="module")
@@ -105,16 +106,16 @@ class ScriptedProbe:
 
 
 def test_each_repeat_gets_the_mean_speed_of_the_probes_around_it(monkeypatch):
-    import sqa_search.speed.timing as timing
+    import sqa_search.speed.measure as measuring
 
-    monkeypatch.setattr(timing, "PROBE_INTERVAL_S", 0.0)  # probe after every repeat
+    monkeypatch.setattr(measuring, "PROBE_INTERVAL_S", 0.0)  # probe after every repeat
     spec = AttentionSpec.variant("sqa", 64, 8)
-    job = _build_job(spec, what="layer", mode="prefill", batch=1, seq_len=64, n_layers=1, d_ff=None,
+    job = build_job(spec, what="layer", mode="prefill", batch=1, seq_len=64, n_layers=1, d_ff=None,
                      backend="auto", device=torch.device("cpu"), dtype=torch.float32, seed=0)
     # probes: before the first repeat, then after each: 1.0, 2.0, 2.0, 4.0 s
     probe = ScriptedProbe([1.0, 2.0, 2.0, 4.0])
-    out = _measure(job, torch.device("cpu"), budget_s=0.0, max_repeats=3, min_repeats=3, warmup_max=4,
-                   flush_l2=False, probe=probe, reference=1.0)
+    out = measure(job, torch.device("cpu"), budget_s=0.0, max_repeats=3, min_repeats=3, warmup_max=4,
+                  flush_l2=False, probe=probe, reference=1.0)
     assert probe.calls == 4
     assert out["speeds"] == pytest.approx([1 / 1.5, 1 / 2.0, 1 / 3.0])
     assert out["median_s"] == pytest.approx(statistics.median(corrected_times(out["times_s"], out["speeds"])))
@@ -124,15 +125,15 @@ def test_each_repeat_gets_the_mean_speed_of_the_probes_around_it(monkeypatch):
 
 
 def test_repeats_between_two_probes_share_their_speed(monkeypatch):
-    import sqa_search.speed.timing as timing
+    import sqa_search.speed.measure as measuring
 
-    monkeypatch.setattr(timing, "PROBE_INTERVAL_S", 60.0)  # no probe between repeats
+    monkeypatch.setattr(measuring, "PROBE_INTERVAL_S", 60.0)  # no probe between repeats
     spec = AttentionSpec.variant("sqa", 64, 8)
-    job = _build_job(spec, what="layer", mode="prefill", batch=1, seq_len=64, n_layers=1, d_ff=None,
+    job = build_job(spec, what="layer", mode="prefill", batch=1, seq_len=64, n_layers=1, d_ff=None,
                      backend="auto", device=torch.device("cpu"), dtype=torch.float32, seed=0)
     probe = ScriptedProbe([1.0, 3.0])  # one probe before, one after
-    out = _measure(job, torch.device("cpu"), budget_s=0.0, max_repeats=4, min_repeats=4, warmup_max=4,
-                   flush_l2=False, probe=probe, reference=2.0)
+    out = measure(job, torch.device("cpu"), budget_s=0.0, max_repeats=4, min_repeats=4, warmup_max=4,
+                  flush_l2=False, probe=probe, reference=2.0)
     assert probe.calls == 2
     assert out["speeds"] == pytest.approx([1.0] * 4)
     assert "machine-busy" not in out["flags"]

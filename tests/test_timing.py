@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 
@@ -9,24 +10,22 @@ import pytest
 import torch
 
 from sqa_search.layer.spec import AttentionSpec
-from sqa_search.speed.timing import (
-    CPU_MEM_KIND,
-    CUDA_MEM_KIND,
-    HARDWARE_FIELDS,
-    TimingError,
-    TimingResult,
-    default_cache_dir,
-    fingerprint,
-    fingerprint_id,
-    time_spec,
-    time_spec_subprocess,
-    time_specs,
-)
+from sqa_search.speed.hardware import HARDWARE_FIELDS, Fingerprint, fingerprint
+from sqa_search.speed.isolated import time_spec_subprocess
+from sqa_search.speed.measure import CPU_MEM_KIND, CUDA_MEM_KIND
+from sqa_search.speed.timing import TimingError, TimingResult, time_spec, time_specs
+from sqa_search.speed.timing_cache import default_cache_dir
+from sqa_search.speed.workload import Workload, WorkloadError
 
 D, H = 64, 8
 # one thread: on a shared 2-core machine two OpenMP threads wait on each other for whole
 # scheduler slices; the tests need runs that finish, not figures
-FAST = dict(threads=1, budget_s=0.02, max_repeats=5)
+FAST = dict(budget_s=0.02, max_repeats=5)
+
+
+def W(seq_len=64, mode="prefill", threads=1, **kw):
+    """A workload on the CPU with one thread unless told otherwise."""
+    return Workload(mode=mode, seq_len=seq_len, threads=threads, **kw)
 
 
 def spec(name="sqa", **kw):
@@ -45,9 +44,9 @@ def cached_timings(cache):
 
 def test_record_has_every_field_and_round_trips_json(cache):
     s = spec("sqa")
-    r = time_spec(s, seq_len=128, mode="prefill", cache_dir=cache, **FAST)
+    r = time_spec(s, W(128, mode="prefill"), cache_dir=cache, **FAST)
     assert r.status == "ok" and r.error is None
-    assert r.spec == s.to_dict() and r.label == s.label and r.variant == "sqa"
+    assert r.spec == s and r.label == s.label and r.variant == "sqa"
     assert (r.mode, r.what, r.batch, r.seq_len, r.dtype, r.device) == ("prefill", "layer", 1, 128, "float32", "cpu")
     assert r.median_s > 0 and r.iqr_s >= 0
     assert 3 <= r.n_repeats <= 5 and len(r.times_s) == r.n_repeats
@@ -62,41 +61,49 @@ def test_record_has_every_field_and_round_trips_json(cache):
     # a fused kernel on one backend: none of the flags that say the wrong thing was timed
     assert not {"math-fallback", "eager-flex", "backend-changed", "compile-in-timing"} & set(r.flags)
     assert r.mem_kind == CPU_MEM_KIND and r.peak_mem_bytes > 0
-    assert r.threads == 1 and r.fingerprint["threads"] == 1
+    assert r.threads == 1 and r.fingerprint.threads == 1
     # SQA at d=64, H=8: 2 KV heads of 8 dims; K and V for 128 tokens in fp32
     assert r.kv_cache_bytes == 2 * 2 * 8 * 128 * 4
     assert r.predicted is False and r.from_cache is False
+    assert isinstance(r.fingerprint, Fingerprint)
     for name in HARDWARE_FIELDS + ("dtype", "threads"):
-        assert name in r.fingerprint
-    assert r.fingerprint["device_type"] == "cpu" and r.fingerprint["torch_version"] == torch.__version__
-    assert r.fingerprint_id == fingerprint_id(r.fingerprint)
+        assert name in r.fingerprint.to_dict()
+    assert r.fingerprint.device_type == "cpu" and r.fingerprint.torch_version == torch.__version__
+    assert r.fingerprint_id == r.fingerprint.id
+    # the shared shapes: the workload it ran and the latency it gives
+    assert r.workload == W(128)
+    lat = r.latency
+    assert lat.kind == "measured-corrected" and lat.seconds == r.median_s and lat.spread_s == r.iqr_s
+    assert lat.raw_seconds == r.raw_median_s and lat.peak_memory_bytes == r.peak_mem_bytes
+    assert lat.where == r.fingerprint.label and lat.seq_len == 128
 
     data = json.loads(json.dumps(r.to_dict()))  # JSON-safe
     assert data["key"] == r.key
+    assert data["spec"] == s.to_dict() and data["fingerprint"]["device_type"] == "cpu"  # the stored form
     back = TimingResult.from_dict(data)
     assert back == r and back.key == r.key
-    assert back.attention_spec == s
+    assert back.spec == s
 
 
 def test_threads_are_restored():
     before = torch.get_num_threads()
-    time_spec(spec("xsqa"), seq_len=64, use_cache=False, **FAST)
+    time_spec(spec("xsqa"), W(64), use_cache=False, **FAST)
     assert torch.get_num_threads() == before
 
 
 def test_fingerprint_id_ignores_dtype_and_threads_but_not_hardware():
     a = fingerprint("cpu", "float32", 1)
     b = fingerprint("cpu", "bfloat16", 2)
-    assert a["dtype"] == "float32" and b["dtype"] == "bfloat16"
-    assert fingerprint_id(a) == fingerprint_id(b)
-    assert fingerprint_id({**a, "cpu_model": "another CPU"}) != fingerprint_id(a)
-    assert fingerprint_id({**a, "torch_version": "0.0"}) != fingerprint_id(a)
-    assert not any("host" in k for k in a)  # no hostnames
+    assert a.dtype == "float32" and b.dtype == "bfloat16"
+    assert a.id == b.id
+    assert dataclasses.replace(a, cpu_model="another CPU").id != a.id
+    assert dataclasses.replace(a, torch_version="0.0").id != a.id
+    assert not any("host" in k for k in a.to_dict())  # no hostnames
 
 
 @pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
 def test_each_mode_on_the_layer(mode):
-    r = time_spec(spec("gqa"), seq_len=128, mode=mode, use_cache=False, **FAST)
+    r = time_spec(spec("gqa"), W(128, mode=mode), use_cache=False, **FAST)
     assert r.status == "ok", r.error
     assert r.median_s > 0
     if mode == "decode":
@@ -110,7 +117,7 @@ def test_each_mode_on_the_layer(mode):
 @pytest.mark.parametrize("what", ["block", "model"])
 @pytest.mark.parametrize("mode", ["train", "prefill", "decode"])
 def test_block_and_model(what, mode):
-    r = time_spec(spec("sqa"), seq_len=64, mode=mode, what=what, n_layers=2, use_cache=False, **FAST)
+    r = time_spec(spec("sqa"), W(64, mode=mode, scope=what, n_layers=2), use_cache=False, **FAST)
     assert r.status == "ok", r.error
     assert r.what == what
     assert r.n_layers == (2 if what == "model" else 1)
@@ -120,18 +127,18 @@ def test_block_and_model(what, mode):
 
 
 def test_decode_cache_holds_n_tokens_or_the_window():
-    full = time_spec(spec("sqa"), seq_len=160, mode="decode", use_cache=False, **FAST)
-    windowed = time_spec(spec("swsqa", window=32), seq_len=160, mode="decode", use_cache=False, **FAST)
-    short = time_spec(spec("swsqa", window=32), seq_len=20, mode="decode", use_cache=False, **FAST)
+    full = time_spec(spec("sqa"), W(160, mode="decode"), use_cache=False, **FAST)
+    windowed = time_spec(spec("swsqa", window=32), W(160, mode="decode"), use_cache=False, **FAST)
+    short = time_spec(spec("swsqa", window=32), W(20, mode="decode"), use_cache=False, **FAST)
     assert (full.kv_cache_tokens, windowed.kv_cache_tokens, short.kv_cache_tokens) == (160, 32, 20)
     # the record says how big the cache is: GQA/MQA shrink it, SQA's fewer query heads do not
-    mha, mqa, sqa = (time_spec(spec(v), seq_len=64, mode="decode", use_cache=False, **FAST) for v in ("mha", "mqa", "sqa"))
+    mha, mqa, sqa = (time_spec(spec(v), W(64, mode="decode"), use_cache=False, **FAST) for v in ("mha", "mqa", "sqa"))
     assert mqa.kv_cache_bytes < sqa.kv_cache_bytes < mha.kv_cache_bytes
     assert mqa.kv_cache_bytes * H == mha.kv_cache_bytes
 
 
 def test_decode_of_a_bidirectional_spec_is_an_error_record(cache):
-    r = time_spec(spec("sqa", causal=False), seq_len=64, mode="decode", cache_dir=cache, **FAST)
+    r = time_spec(spec("sqa", causal=False), W(64, mode="decode"), cache_dir=cache, **FAST)
     assert r.status == "error"
     assert "causal" in r.error and "decode" in r.error
     assert r.median_s is None
@@ -140,59 +147,59 @@ def test_decode_of_a_bidirectional_spec_is_an_error_record(cache):
 
 def test_cache_returns_the_stored_record_and_force_retimes(cache):
     s = spec("xsqa")
-    first = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    first = time_spec(s, W(96), cache_dir=cache, **FAST)
     assert not first.from_cache
     path = cache / first.fingerprint_id / f"{first.key}.json"
     assert path.is_file()
     assert not list(path.parent.glob(".tmp-*"))  # atomic write left no temporary behind
 
-    again = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    again = time_spec(s, W(96), cache_dir=cache, **FAST)
     assert again.from_cache
     assert again.times_s == first.times_s and again.timestamp == first.timestamp
 
-    other = time_spec(s, seq_len=96, mode="train", cache_dir=cache, **FAST)  # another key
+    other = time_spec(s, W(96, mode="train"), cache_dir=cache, **FAST)  # another key
     assert not other.from_cache and other.key != first.key
 
-    forced = time_spec(s, seq_len=96, cache_dir=cache, force=True, **FAST)
+    forced = time_spec(s, W(96), cache_dir=cache, force=True, **FAST)
     assert not forced.from_cache and forced.timestamp > first.timestamp
     assert forced.key == first.key
-    assert time_spec(s, seq_len=96, cache_dir=cache, **FAST).timestamp == forced.timestamp
+    assert time_spec(s, W(96), cache_dir=cache, **FAST).timestamp == forced.timestamp
 
     # a damaged file is timed again, not trusted
     path.write_text("{not json")
-    assert not time_spec(s, seq_len=96, cache_dir=cache, **FAST).from_cache
+    assert not time_spec(s, W(96), cache_dir=cache, **FAST).from_cache
 
 
 def test_no_cache_writes_no_timing_only_the_machine_reference(cache):
-    r = time_spec(spec("mqa"), seq_len=64, cache_dir=cache, use_cache=False, **FAST)
+    r = time_spec(spec("mqa"), W(64), cache_dir=cache, use_cache=False, **FAST)
     assert r.status == "ok"
     assert cached_timings(cache) == []
     assert [p.name for p in cache.rglob("*.json")] == ["machine-reference-compute-t1.json"]  # the shared yardstick
-    time_spec(spec("mqa"), seq_len=64, mode="decode", cache_dir=cache, use_cache=False, **FAST)
+    time_spec(spec("mqa"), W(64, mode="decode"), cache_dir=cache, use_cache=False, **FAST)
     assert sorted(p.name for p in cache.rglob("*.json")) == [
         "machine-reference-compute-t1.json", "machine-reference-dispatch-t1.json"]  # decode has its own probe
 
 
 def test_uncorrected_timing_keeps_raw_figures_under_another_key(cache):
     s = spec("sqa")
-    raw = time_spec(s, seq_len=96, cache_dir=cache, speed_correction=False, **FAST)
+    raw = time_spec(s, W(96), cache_dir=cache, speed_correction=False, **FAST)
     assert not raw.speed_corrected and raw.speeds == [] and raw.machine_speed is None
     assert raw.median_s == raw.raw_median_s == statistics.median(raw.times_s)
-    corrected = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    corrected = time_spec(s, W(96), cache_dir=cache, **FAST)
     assert corrected.speed_corrected and not corrected.from_cache and corrected.key != raw.key
     with pytest.raises(TimingError, match="speed_correction='yes'"):
-        time_spec(s, seq_len=96, speed_correction="yes")
+        time_spec(s, W(96), speed_correction="yes")
 
 
 def test_cached_corrected_timing_is_retimed_when_the_reference_changes(cache):
     s = spec("xsqa")
-    first = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
-    assert time_spec(s, seq_len=96, cache_dir=cache, **FAST).from_cache
+    first = time_spec(s, W(96), cache_dir=cache, **FAST)
+    assert time_spec(s, W(96), cache_dir=cache, **FAST).from_cache
     ref_path = cache / first.fingerprint_id / "machine-reference-compute-t1.json"
     data = json.loads(ref_path.read_text())
     data["probe_s"] *= 1.5  # as if re-measured: the stored figure is on another scale now
     ref_path.write_text(json.dumps(data))
-    again = time_spec(s, seq_len=96, cache_dir=cache, **FAST)
+    again = time_spec(s, W(96), cache_dir=cache, **FAST)
     assert not again.from_cache and again.reference_probe_s == pytest.approx(data["probe_s"])
 
 
@@ -206,11 +213,11 @@ def test_cache_dir_default_and_env(monkeypatch, tmp_path):
 
 def test_out_of_memory_is_a_record_and_the_caller_goes_on():
     # a real allocation failure: 16 PiB of input cannot be mapped on any machine
-    r = time_spec(spec("sqa"), batch=2**40, seq_len=64, use_cache=False, **FAST)
+    r = time_spec(spec("sqa"), W(64, batch=2**40), use_cache=False, **FAST)
     assert r.status == "oom"
     assert "allocate" in r.error
     assert r.median_s is None and r.times_s == []
-    ok = time_spec(spec("sqa"), seq_len=64, use_cache=False, **FAST)
+    ok = time_spec(spec("sqa"), W(64), use_cache=False, **FAST)
     assert ok.status == "ok"
 
 
@@ -218,7 +225,7 @@ def test_failure_inside_the_timed_call_is_an_error_record(cache):
     # compiled FlexAttention has no backward on CPU: a genuine failure of the timed train step
     # (head_dim 16: compiled flex refuses smaller heads before any timing)
     wide = AttentionSpec.variant("swsqa", 2 * D, H, window=32)
-    r = time_spec(wide, seq_len=128, mode="train", backend="flex", cache_dir=cache, **FAST)
+    r = time_spec(wide, W(128, mode="train"), backend="flex", cache_dir=cache, **FAST)
     assert r.status == "error"
     assert "NotImplementedError" in r.error and "backward" in r.error
     assert cached_timings(cache) == []
@@ -226,7 +233,7 @@ def test_failure_inside_the_timed_call_is_an_error_record(cache):
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_eager_flex_is_flagged():
-    r = time_spec(spec("swsqa", window=32), seq_len=128, backend="flex-eager", use_cache=False, **FAST)
+    r = time_spec(spec("swsqa", window=32), W(128), backend="flex-eager", use_cache=False, **FAST)
     assert r.status == "ok"
     assert r.backend == "flex-eager" and "eager-flex" in r.flags
 
@@ -234,10 +241,10 @@ def test_eager_flex_is_flagged():
 def test_windowed_spec_runs_the_blocked_path_and_a_math_fallback_is_flagged():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    r = time_spec(spec("swsqa", window=32), seq_len=256, use_cache=False, **FAST)
+    r = time_spec(spec("swsqa", window=32), W(256), use_cache=False, **FAST)
     assert r.backend == "blocked/flash" and "math-fallback" not in r.flags
     with sdpa_kernel(SDPBackend.MATH):  # the same spec forced onto the N x N math kernel
-        slow = time_spec(spec("swsqa", window=32), seq_len=256, use_cache=False, **FAST)
+        slow = time_spec(spec("swsqa", window=32), W(256), use_cache=False, **FAST)
     assert slow.backend == "blocked/math" and "math-fallback" in slow.flags
 
 
@@ -260,31 +267,37 @@ def test_sdpa_kernel_choice_is_asked_outside_the_timed_repeats(monkeypatch):
     per_call = len(asked)
     assert per_call >= 1
     asked.clear()
-    r = time_spec(spec("sqa"), seq_len=64, use_cache=False, threads=1, budget_s=0.0, min_repeats=20, max_repeats=20)
+    r = time_spec(spec("sqa"), W(64, threads=1), use_cache=False, budget_s=0.0, min_repeats=20, max_repeats=20)
     assert r.n_repeats == 20 and r.backend == layer.last_backend
     assert len(asked) == per_call * r.n_warmup
     assert torch._fused_sdp_choice is counting  # put back afterwards
 
 
 def test_bad_arguments_raise_before_timing():
-    with pytest.raises(TimingError, match="mode='sideways'"):
-        time_spec(spec(), seq_len=64, mode="sideways")
-    with pytest.raises(TimingError, match="what="):
-        time_spec(spec(), seq_len=64, what="galaxy")
-    with pytest.raises(TimingError, match="seq_len=0"):
-        time_spec(spec(), seq_len=0)
-    with pytest.raises(TimingError, match="dtype="):
-        time_spec(spec(), seq_len=64, dtype="float8")
+    # the workload's own fields are checked where a Workload is made
+    with pytest.raises(WorkloadError, match="mode='sideways'"):
+        time_spec(spec(), W(64, mode="sideways"))
+    with pytest.raises(WorkloadError, match="scope="):
+        time_spec(spec(), W(64, scope="galaxy"))
+    with pytest.raises(WorkloadError, match="seq_len=0"):
+        time_spec(spec(), W(0))
+    with pytest.raises(WorkloadError, match="dtype="):
+        time_spec(spec(), W(64, dtype="float8"))
+    with pytest.raises(TimingError, match="dtype="):  # a Workload dtype the harness cannot time
+        time_spec(spec(), W(64, dtype="float64"))
+    with pytest.raises(TimingError, match="workload="):
+        time_spec(spec(), 64)
     with pytest.raises(TimingError, match="backend="):
-        time_spec(spec(), seq_len=64, backend="triton")
+        time_spec(spec(), W(64), backend="triton")
     if not torch.cuda.is_available():
         with pytest.raises(TimingError, match="CUDA is not available"):
-            time_spec(spec(), seq_len=64, device="cuda")
+            time_spec(spec(), W(64, device="cuda"))
 
 
 def test_time_specs_grid_order_and_records(cache):
     specs = [spec("mha"), spec("xsqa")]
-    out = time_specs(specs, seq_lens=[32, 64], modes=["prefill", "decode"], progress=True, cache_dir=cache, **FAST)
+    out = time_specs(specs, [W(n, mode=m) for m in ("prefill", "decode") for n in (32, 64)], progress=True,
+                     cache_dir=cache, **FAST)
     assert [(r.mode, r.seq_len, r.variant) for r in out] == [
         (m, n, v) for m in ("prefill", "decode") for n in (32, 64) for v in ("mha", "xsqa")
     ]
@@ -294,38 +307,38 @@ def test_time_specs_grid_order_and_records(cache):
 @pytest.mark.slow
 def test_fresh_process_gives_the_same_record_form(cache):
     s = spec("ssqa")
-    r = time_spec_subprocess(s, seq_len=64, mode="train", cache_dir=cache, timeout_s=300, **FAST)
+    r = time_spec_subprocess(s, W(64, mode="train"), cache_dir=cache, timeout_s=300, **FAST)
     assert isinstance(r, TimingResult)
     assert r.status == "ok", r.error
     assert r.median_s > 0 and r.backend.startswith("sdpa/") and not r.from_cache
-    assert set(r.to_dict()) == set(time_spec(s, seq_len=64, use_cache=False, **FAST).to_dict())
+    assert set(r.to_dict()) == set(time_spec(s, W(64), use_cache=False, **FAST).to_dict())
     # the child wrote the cache under the same key this process computes
-    local = time_spec(s, seq_len=64, mode="train", cache_dir=cache, **FAST)
+    local = time_spec(s, W(64, mode="train"), cache_dir=cache, **FAST)
     assert local.from_cache and local.times_s == r.times_s and local.key == r.key
     # and a cached point starts no process
-    assert time_spec_subprocess(s, seq_len=64, mode="train", cache_dir=cache, **FAST).from_cache
+    assert time_spec_subprocess(s, W(64, mode="train"), cache_dir=cache, **FAST).from_cache
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_timing_uses_events_and_the_allocator():
-    r = time_spec(spec("sqa"), seq_len=512, dtype="bfloat16", device="cuda", use_cache=False, budget_s=0.2)
+    r = time_spec(spec("sqa"), W(512, dtype="bfloat16", device="cuda", threads=None), use_cache=False, budget_s=0.2)
     assert r.status == "ok", r.error
     assert r.device.startswith("cuda") and r.mem_kind == CUDA_MEM_KIND and r.peak_mem_bytes > 0
-    assert r.fingerprint["compute_capability"] and r.fingerprint["device_name"]
+    assert r.fingerprint.compute_capability and r.fingerprint.device_name
     assert r.backend.startswith("sdpa/")
-    d = time_spec(spec("swsqa", window=64), seq_len=512, mode="decode", dtype="bfloat16", device="cuda",
-                  use_cache=False, budget_s=0.2)
+    d = time_spec(spec("swsqa", window=64), W(512, mode="decode", dtype="bfloat16", device="cuda", threads=None), use_cache=False, budget_s=0.2)
     assert d.status == "ok" and d.kv_cache_tokens == 64
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_peak_memory_leaves_out_what_was_allocated_before():
-    kw = dict(seq_len=1024, dtype="bfloat16", device="cuda", use_cache=False, budget_s=0.05)
-    alone = time_spec(spec("sqa"), **kw)
+    kw = dict(use_cache=False, budget_s=0.05)
+    w = W(1024, dtype="bfloat16", device="cuda", threads=None)
+    alone = time_spec(spec("sqa"), w, **kw)
     ballast = torch.empty(512 * 2**20, dtype=torch.uint8, device="cuda")  # 512 MiB held by "an earlier trial"
-    with_ballast = time_spec(spec("sqa"), **kw)
+    with_ballast = time_spec(spec("sqa"), w, **kw)
     del ballast
     assert alone.ok and with_ballast.ok
     assert with_ballast.peak_mem_bytes < alone.peak_mem_bytes + 64 * 2**20
@@ -335,41 +348,42 @@ def test_cuda_peak_memory_leaves_out_what_was_allocated_before():
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_cuda_events_time_the_tensors_device_not_the_current_one():
     torch.cuda.set_device(0)
-    kw = dict(seq_len=8192, mode="train", dtype="bfloat16", use_cache=False, budget_s=0.2)
-    on_0 = time_spec(AttentionSpec.variant("mha", 256, 16), device="cuda:0", **kw)
-    on_1 = time_spec(AttentionSpec.variant("mha", 256, 16), device="cuda:1", **kw)
+    kw = dict(use_cache=False, budget_s=0.2)
+    w = dict(seq_len=8192, mode="train", dtype="bfloat16", threads=None)
+    on_0 = time_spec(AttentionSpec.variant("mha", 256, 16), W(device="cuda:0", **w), **kw)
+    on_1 = time_spec(AttentionSpec.variant("mha", 256, 16), W(device="cuda:1", **w), **kw)
     assert on_0.ok and on_1.ok and on_1.device == "cuda:1"
     # an idle stream would time ~microseconds; the same work on a twin device takes about as long
     assert 0.5 < on_1.median_s / on_0.median_s < 2.0
 
 
 def test_passes_pool_each_points_repeats_and_cache_the_pooled_record(cache):
-    kw = dict(threads=1, budget_s=0.02, max_repeats=6, min_repeats=4, cache_dir=cache)
-    out = time_specs([spec("mha"), spec("xsqa")], seq_lens=[64], passes=2, progress=False, **kw)
+    kw = dict(budget_s=0.02, max_repeats=6, min_repeats=4, cache_dir=cache)
+    out = time_specs([spec("mha"), spec("xsqa")], W(64), passes=2, progress=False, **kw)
     for r in out:
         assert r.ok and r.passes == 2 and not r.from_cache
         assert r.n_repeats == len(r.times_s) == len(r.speeds) >= 4  # 2 per pass at least
         assert r.n_warmup >= 4  # each pass warmed up its own layer
         assert r.median_s == pytest.approx(statistics.median(t * v for t, v in zip(r.times_s, r.speeds)))
-    again = time_specs([spec("mha"), spec("xsqa")], seq_lens=[64], passes=2, progress=False, **kw)
+    again = time_specs([spec("mha"), spec("xsqa")], W(64), passes=2, progress=False, **kw)
     assert all(r.from_cache for r in again)
     assert [r.times_s for r in again] == [r.times_s for r in out]
     with pytest.raises(TimingError, match="passes=0"):
-        time_specs([spec("mha")], seq_lens=[64], passes=0, **kw)
+        time_specs([spec("mha")], W(64), passes=0, **kw)
 
 
 def test_a_failed_pass_fails_the_point():
     from sqa_search.speed.timing import merge_passes
 
-    ok = time_spec(spec("sqa"), seq_len=64, use_cache=False, **FAST)
-    failed = time_spec(spec("sqa", causal=False), seq_len=64, mode="decode", use_cache=False, **FAST)
+    ok = time_spec(spec("sqa"), W(64), use_cache=False, **FAST)
+    failed = time_spec(spec("sqa", causal=False), W(64, mode="decode"), use_cache=False, **FAST)
     assert merge_passes([ok, failed]) is failed
     single = merge_passes([ok])
     assert single.median_s == ok.median_s and single.times_s == ok.times_s and single.passes == 1
 
 
 def test_unstable_means_more_than_a_stray_outlier():
-    from sqa_search.speed.timing import _unstable
+    from sqa_search.speed.measure import _unstable
 
     assert _unstable([1.0, 1.0, 10.0], 1.0)  # one in three
     assert not _unstable([1.0] * 99 + [10.0], 1.0)  # one interrupt in a hundred repeats
@@ -384,9 +398,37 @@ def test_flex_that_would_run_eagerly_is_an_error_record_not_a_timing(cache):
     wide = AttentionSpec.variant("swsqa", 2 * D, H, window=32)  # head_dim 16: compiled flex allowed
     try:
         with torch._dynamo.config.patch(disable=True):
-            r = time_spec(wide, seq_len=128, mode="prefill", backend="flex", cache_dir=cache, **FAST)
+            r = time_spec(wide, W(128, mode="prefill"), backend="flex", cache_dir=cache, **FAST)
     finally:
         torch._dynamo.reset()  # as in test_attention: disabled dynamo leaves eager flex's wrapper skipped
     assert r.status == "error" and r.median_s is None
     assert "FlexFallbackError" in r.error and "eager" in r.error
     assert cached_timings(cache) == []
+
+
+def test_a_cache_file_written_before_the_redesign_reads_back_under_its_key(tmp_path):
+    """tests/fixtures/timing-record-v2.json was written by the previous version (spec and
+    fingerprint as dicts): it loads, its key is the one it was stored under, and the cache finds it."""
+    from pathlib import Path
+
+    from sqa_search.speed import timing_cache
+
+    data = json.loads((Path(__file__).parent / "fixtures" / "timing-record-v2.json").read_text())
+    r = TimingResult.from_dict(data)
+    assert r.key == data["key"] and r.fingerprint_id == r.fingerprint.id == data["fingerprint_id"]
+    assert r.spec == AttentionSpec.from_dict(data["spec"]) and r.workload.mode == "decode"
+    assert r.to_dict()["spec"] == data["spec"]
+    path = tmp_path / r.fingerprint_id / f"{r.key}.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps({**data, "speed_corrected": False}))  # no probe reference to check against
+    assert timing_cache.load(path, TimingResult.from_dict({**data, "speed_corrected": False}).key).from_cache
+
+
+def test_the_thread_clock_is_for_one_cpu_thread_and_keyed_apart(cache):
+    with pytest.raises(TimingError, match="clock='thread'"):
+        time_spec(spec(), W(64, threads=2), clock="thread")
+    with pytest.raises(TimingError, match="clock='sundial'"):
+        time_spec(spec(), W(64), clock="sundial")
+    wall = time_spec(spec("mqa"), W(64), cache_dir=cache, **FAST)
+    thread = time_spec(spec("mqa"), W(64), cache_dir=cache, clock="thread", **FAST)
+    assert thread.ok and thread.clock == "thread" and thread.key != wall.key and not thread.from_cache

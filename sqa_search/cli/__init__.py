@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "export": ("sqa_search.cli.export", "export a configuration as a standalone PyTorch module, a config and a README"),
     "bench": ("sqa_search.cli.bench", "time the named variants across sequence lengths (the SQA paper's Table 3 for your hardware)"),
     "doctor": ("sqa_search.cli.doctor", "check every attention path, kernel and the timing on this device before a long study"),
+    "calibrate": ("sqa_search.cli.calibrate", "time attention layers here and calibrate a cost-model hardware profile"),
 }
 
 DEBUG_FLAG = "--debug"

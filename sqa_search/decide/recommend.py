@@ -34,12 +34,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..common import resolve_device_name
+from ..common import DTYPE_BYTES, resolve_device_name
 from ..layer.spec import AttentionSpec, SpecError
 from ..search.space import SpaceError
-from ..speed.cost import CostError, list_profiles, load_profile, predict
-from ..speed.hardware import Fingerprint
-from ..speed.workload import MODES, SCOPES
+from ..speed.cost import canonical_dtype, predict
+from ..speed.hardware import CostError, Fingerprint, list_profiles, load_profile
+from ..speed.workload import MODES, SCOPES, Workload, WorkloadError
 from .candidates import PAPER_CITATION, PAPER_MODEL, PAPER_QUALITY, CandidateRow, prior_rows, study_hardware, study_rows
 from .errors import RecommendError
 from .parse import parse_bytes, parse_latency_budget, parse_seq_len, parse_tolerance
@@ -121,8 +121,8 @@ def same_hardware(fp: Fingerprint | dict | None, profile) -> bool:
         return False
     name = str(fp.device_name or "")
     if profile.device_type == "cpu":
-        detail = (profile.calibration or {}).get("fingerprint_detail") or {}
-        return bool(name) and name in (detail.get("cpu_model"), detail.get("device_name"))
+        on = profile.calibrated_on
+        return bool(name) and on is not None and name in (on.cpu_model, on.device_name)
     token = model_token(profile.display_name)
     tokens = {t.upper() for t in re.findall(r"[A-Za-z0-9]+", name)}
     if not token or token not in tokens:
@@ -139,14 +139,13 @@ def same_hardware(fp: Fingerprint | dict | None, profile) -> bool:
 def resolve_target(hardware: str, device: str | None) -> Target:
     """'local' (the device at hand, and the profile that describes it) or a cost-model profile."""
     if str(hardware).strip().lower() == "local":
-        from ..speed.timing import fingerprint  # imports torch: only when the device at hand is asked about
+        from ..speed.hardware import fingerprint  # imports torch: only when the device at hand is asked about
 
         dev = resolve_device_name("auto" if device is None else device)
         try:
             fp = fingerprint(dev)
         except Exception as exc:  # a device that is not there
             raise RecommendError(f"--device {dev!r} is not usable here: {exc}") from None
-        fp = Fingerprint.from_dict(fp)  # a dict from timing.fingerprint before the speed API, a Fingerprint after
         profile = None
         if fp.device_type == "cpu":
             profile = load_profile("cpu-generic")
@@ -314,7 +313,7 @@ def plan_speed(pool: Pool, target: Target, notes: list, footnotes: dict) -> Spee
         return SpeedPlan(True, dtype, profile, study_fp, study_ids)
     if profile is None:
         raise RecommendError(f"no cost-model profile describes {target.display}: pass --hardware PROFILE "
-                             f"(see python -m sqa_search.speed.cost list), or a --study measured here at this shape")
+                             f"(see sqa-search calibrate --list), or a --study measured here at this shape")
     dtype = dtype or ("bfloat16" if profile.device_type == "cuda" else "float32")
     scope = {"layer": "one attention layer", "block": "one block",
              "model": f"the whole {pool.n_layers}-layer model (d_model {pool.d_model}, H {pool.n_heads}, "
@@ -355,21 +354,25 @@ def measured_speed(row: CandidateRow, seq_len: int) -> SpeedFigure:
 
 def predicted_speed(spec: AttentionSpec, plan: SpeedPlan, pool: Pool) -> SpeedFigure:
     """The cost model's latency of `spec` on the target's profile at the pool's shape.
-    (The one call into the cost model: at the merge, `speed/source.py`'s LatencySource.)"""
+    (The one call into the cost model.)"""
     profile, dtype = plan.profile, plan.dtype
     batch, seq_len, mode, what = pool.batch, pool.seq_len, pool.mode, pool.what
     n_layers, d_ff = pool.n_layers, pool.d_ff
     try:
-        pred = predict(spec, profile, batch=batch, seq_len=seq_len, mode=mode, dtype=dtype, what=what,
-                       n_layers=n_layers, d_ff=d_ff)
-    except (CostError, SpecError) as exc:
+        workload = Workload(mode=mode, seq_len=seq_len, batch=batch, scope=what, dtype=canonical_dtype(dtype),
+                            n_layers=n_layers, d_ff=d_ff)
+        pred = predict(spec, profile, workload)
+    except (CostError, SpecError, WorkloadError) as exc:
         return SpeedFigure(None, f"not predictable: {exc}", False)
     return SpeedFigure(pred.seconds, f"predicted by {pred.profile} ({pred.calibration}), {pred.bound}-bound, "
                                      f"path {pred.path}", False, None, pred.calibration, pred.bound)
 
 
 def _dtype_bytes(dtype: str) -> int:
-    return 4 if str(dtype).replace("torch.", "") in ("float32", "fp32", "float", "tf32") else 2
+    try:
+        return DTYPE_BYTES[canonical_dtype(dtype)]
+    except CostError:  # a dtype the cost model does not know (fp8): its KV cache is at most 2 bytes a value
+        return 2
 
 
 def price_candidates(pool: Pool, plan: SpeedPlan, notes: list) -> list[Candidate]:

@@ -155,15 +155,11 @@ class TrialObjective:
         t = self.space.target
         total, records, fingerprint = 0.0, [], None
         for n in t.seq_len:
+            workload = self.space.workload(n)
             if t.measured:
-                from ..speed.timing import time_spec
+                from ..speed.timing import time_spec  # torch: loaded when the first trial is timed
 
-                result = time_spec(
-                    spec, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
-                    device=resolve_device_name(t.device), what=t.what, n_layers=self.space.model.n_layers,
-                    d_ff=self.space.model.d_ff, threads=t.threads, budget_s=t.timing_budget_s,
-                    cache_dir=self.cache_dir,
-                )
+                result = time_spec(spec, workload, budget_s=t.timing_budget_s, cache_dir=self.cache_dir)
                 if result.status != "ok":
                     self._fail(trial, f"timing {result.status}: {result.error}")
                 records.append({"seq_len": n, "median_s": result.median_s, "iqr_s": result.iqr_s,
@@ -171,14 +167,13 @@ class TrialObjective:
                                 "backend": result.backend, "flags": result.flags,
                                 "fingerprint_id": result.fingerprint_id, "peak_mem_bytes": result.peak_mem_bytes})
                 total += result.median_s
-                source = f"measured on {result.fingerprint.get('device_name', result.device)}"
+                source = f"measured on {result.fingerprint.device_name or result.device}"
                 fingerprint = result.fingerprint
             else:
-                from ..speed.cost import load_profile, predict
+                from ..speed.cost import predict
+                from ..speed.hardware import load_profile
 
-                profile = load_profile(t.hardware)
-                pred = predict(spec, profile, batch=t.batch, seq_len=n, mode=t.mode, dtype=t.dtype,
-                               what=t.what, n_layers=self.space.model.n_layers, d_ff=self.space.model.d_ff)
+                pred = predict(spec, load_profile(t.hardware), workload)
                 records.append({"seq_len": n, "predicted_s": pred.seconds, "bound": pred.bound})
                 total += pred.seconds
                 source = f"predicted for {t.hardware} ({pred.calibration})"

@@ -135,17 +135,18 @@ def ray_result(space: SearchSpace, record: dict) -> dict:
 
 def _worker_identity(space: SearchSpace) -> dict:
     """This worker's node and hardware fingerprint (what a timing here depends on)."""
-    from ..speed.timing import fingerprint, fingerprint_id  # torch: only on a worker, when a trial runs
+    from ..speed.hardware import Fingerprint, fingerprint  # torch: only on a worker, when a trial runs
 
     t = space.target
     device = resolve_device_name(t.device) if t.measured else str(space.training.get("device", "cpu"))
     try:
         fp = fingerprint(device, t.dtype, t.threads)
+        fp_id, fp_data = fp.id, fp.to_dict()
     except Exception as exc:  # noqa: BLE001 - an unknown device must not lose the trial's result
-        fp = {"error": f"{type(exc).__name__}: {exc}"}
+        fp_id, fp_data = Fingerprint().id, {"error": f"{type(exc).__name__}: {exc}"}
     return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
             "hostname": socket.gethostname(),
-            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "fingerprint_id": fingerprint_id(fp), "fingerprint": fp}
+            "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "fingerprint_id": fp_id, "fingerprint": fp_data}
 
 
 def trainable(config: dict, space_payload: dict, recorded: dict):

@@ -132,7 +132,7 @@ def default_dtype(device_type: str) -> str:
 def _target_device_type(hardware: str, device: str) -> str:
     """cuda or cpu: the device a target's timings run on (local) or its profile describes."""
     if hardware != "local":
-        from ..speed.cost import load_profile  # only for predicted targets
+        from ..speed.hardware import load_profile  # only for predicted targets
 
         return load_profile(hardware).device_type
     return "cuda" if resolve_device_name(device).startswith("cuda") else "cpu"
@@ -492,7 +492,7 @@ def _read_target(t: _Reader, model: ModelSection) -> TargetSection:
     t.check_unknown([f.name for f in dataclasses.fields(TargetSection)])
     hardware = t.data.get("hardware", "local")
     if hardware != "local":
-        from ..speed.cost import CostError, list_profiles, load_profile  # only needed for predicted targets
+        from ..speed.hardware import CostError, list_profiles, load_profile  # only needed for predicted targets
 
         try:
             hardware = load_profile(hardware).name  # short names such as h100 resolve here

@@ -1,36 +1,35 @@
-"""`sqa-search bench`: the SQA paper's Table 3 (seconds per step, per variant, per N) for any hardware.
+"""`sqa-search bench`'s work: the SQA paper's Table 3 (seconds per step, per variant, per N) for any hardware.
 
-Measured on this machine by default (`sqa_search.speed.timing`), or predicted for a named hardware
-profile with ``--hardware`` (`sqa_search.speed.cost`, no GPU needed). The two are never mixed and
-never confusable: the table title, the CSV column ``source`` and the plot title all say
-"measured" or "predicted (profile P, calibration C)".
+Measured on this machine by default, or predicted for a named hardware profile with
+``--hardware`` (no GPU needed), both through the one latency source (`sqa_search.speed.source`).
+The two are never mixed and never confusable: the table title, the CSV column ``source`` and the
+plot title all say "measured" or "predicted (profile P, calibration C)".
 
-Output: a table per workload (paper layout: variants x N), a detail table (speedups against
-MHA and GQA, the kernel that ran, flags, peak memory, KV cache), a scaling summary (how time
-grows with N; windowed variants against the same heads with full attention), and with
-``--out DIR`` a CSV, a JSON-lines file of the full records and a log-log plot of time vs N.
+Here: the options checked into a plan (`make_plan`), the records (`bench_records`), speedups,
+the CSV, the JSON-lines file and the plot. The tables are printed by `sqa_search.cli.bench`.
 
     sqa-search bench --seq-lens 1024,4096,16384 --mode both --out bench_out
     sqa-search bench --hardware h100-sxm --seq-lens 32k,131k
-    python -m sqa_search.speed.bench --variants mha,sqa,8/2,8/4/256 --mode decode
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import os
 import statistics
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
-from .._format import fmt_bytes as _fmt_bytes, fmt_x as _fmt_x
 from ..errors import UserError
+from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
+from .hardware import CostError, Fingerprint, HardwareProfile, load_profile
+from .source import LatencySource, latency_source
+from .workload import Workload
 
-__all__ = ["add_arguments", "run", "main", "BenchError", "parse_variants", "parse_seq_lens", "DEFAULT_VARIANTS"]
+__all__ = ["BenchError", "BenchPlan", "parse_variants", "parse_seq_lens", "make_plan", "bench_records", "write_outputs",
+           "plot_figure", "write_plot", "write_csv", "title", "speedups", "baseline_heads", "find", "DEFAULT_VARIANTS",
+           "MODE_CHOICES", "MODE_TITLES", "CSV_COLUMNS"]
 
 DEFAULT_VARIANTS = "mha,gqa,mqa,sqa,ssqa,xsqa,xsmqa,swsqa"
 MODE_CHOICES = ("prefill", "train", "decode", "both")
@@ -44,63 +43,26 @@ CSV_COLUMNS = (
 )
 
 
+@dataclass
+class BenchPlan:
+    """What a bench run does, every option checked (`make_plan`)."""
+
+    seq_lens: list[int]
+    specs: list[AttentionSpec]
+    modes: list[str]
+    profile: HardwareProfile | None = None  # predicted for this profile, or measured here (None)
+    device: object = None  # the torch.device measured on (None when predicted)
+    dtype: str = "float32"
+    n_layers: int = 1
+    device_type: str = "cpu"
+    passes: int = 1
+
+
 class BenchError(UserError):
     """A bench option that cannot be used as given; the message names the option and the value."""
 
 
 # ----- options -----------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--d-model", type=int, default=256, help="model width (default 256, the paper's)")
-    parser.add_argument("--heads", type=int, default=16, help="baseline heads H (default 16, the paper's)")
-    parser.add_argument("--seq-lens", default="1024,4096",
-                        help="comma list of sequence lengths N; k means x1024 (4k = 4096, 128k = 131072; default 1024,4096)")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    parser.add_argument("--dtype", default=None,
-                        help="float32, bfloat16 or float16 (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:<i> (default auto)")
-    parser.add_argument("--mode", default="prefill", choices=MODE_CHOICES,
-                        help="prefill = forward, train = forward+backward, decode = one token against a "
-                             "cache of N, both = prefill and train (default prefill)")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
-                        help=f"comma list of variant names ({', '.join(VARIANTS)}) or heads as "
-                             f"'q/kv', 'q/kv/W' (W = sliding window) or 'q/kv/W/G' (G global tokens); "
-                             f"default {DEFAULT_VARIANTS}")
-    parser.add_argument("--window", type=int, default=128, help="window W of swsqa / flexsqa (default 128)")
-    causal = parser.add_mutually_exclusive_group()
-    causal.add_argument("--causal", dest="causal", action="store_true", default=True,
-                        help="causal attention, a decoder (default)")
-    causal.add_argument("--bidirectional", dest="causal", action="store_false",
-                        help="bidirectional attention, an encoder")
-    parser.add_argument("--what", default="layer", choices=("layer", "block", "model"),
-                        help="time the attention layer, a whole block, or the whole proxy model (default layer)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="layers of the proxy model with --what model (default 8, the paper's)")
-    parser.add_argument("--hardware", default=None, metavar="NAME",
-                        help="print PREDICTED figures for a cost-model hardware profile (e.g. h100-sxm) "
-                             "instead of measuring here; needs no GPU")
-    parser.add_argument("--out", default=None, metavar="DIR",
-                        help="write CSV, JSON-lines records and a PNG plot to DIR")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for timing (default: torch's current)")
-    parser.add_argument("--budget-s", type=float, default=3.0,
-                        help="timing budget per point in seconds, shared by the passes (default 3: a busy CPU "
-                             "needs several repeats)")
-    parser.add_argument("--passes", type=int, default=None,
-                        help="go over the whole grid this many times, each with a share of the budget, and "
-                             "pool each point's repeats (default 3 on CPU, 1 on CUDA)")
-    parser.add_argument("--max-repeats", type=int, default=1000,
-                        help="most timed repeats per point (default 1000: the budget decides, even for decode steps)")
-    parser.add_argument("--force", action="store_true", help="re-time points that are in the timing cache")
-    parser.add_argument("--no-cache", dest="use_cache", action="store_false",
-                        help="neither read nor write the timing cache")
-    parser.add_argument("--cache-dir", default=None, help="timing cache directory (default: see sqa_search.speed.timing)")
-    parser.add_argument("--no-speed-correction", dest="speed_correction", action="store_const", const=False,
-                        default=None, help="report raw CPU times, not corrected for the machine's speed "
-                                           "(see sqa_search.speed.probe; raw times are in the CSV either way)")
-    parser.add_argument("--fresh-process", action="store_true",
-                        help="time each point in a fresh Python process (long sweeps with compiled kernels)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-
-
 def parse_seq_lens(text: str) -> list[int]:
     """'1024,4k' -> [1024, 4096]; raises BenchError naming --seq-lens."""
     values = []
@@ -173,9 +135,9 @@ def _positive(option: str, value, low=1):
     return value
 
 
-def _validate(args) -> dict:
+def make_plan(args) -> BenchPlan:
     """Every check before any work; returns the resolved plan."""
-    from .timing import TimingError, parse_dtype, resolve_device
+    from .device import TimingError, parse_dtype, resolve_device  # lazy: torch
 
     _positive("--d-model", args.d_model)
     _positive("--heads", args.heads)
@@ -199,107 +161,67 @@ def _validate(args) -> dict:
     if args.mode == "decode" and not args.causal:
         raise BenchError("--mode decode needs causal attention (an encoder has no next token): drop --bidirectional")
 
-    plan = {"seq_lens": seq_lens, "specs": specs, "modes": modes, "profile": None, "device": None}
+    plan = BenchPlan(seq_lens=seq_lens, specs=specs, modes=modes)
     if args.hardware is not None:
-        from ..speed import cost
-
         try:
-            plan["profile"] = cost.load_profile(args.hardware)
-        except cost.CostError as exc:  # names the profile and lists the known ones
+            plan.profile = load_profile(args.hardware)
+        except CostError as exc:  # names the profile and lists the known ones
             raise BenchError(f"--hardware: {exc}") from None
-        default_dtype = "bfloat16" if plan["profile"].device_type == "cuda" else "float32"
-        device_type = plan["profile"].device_type
+        default_dtype = "bfloat16" if plan.profile.device_type == "cuda" else "float32"
+        device_type = plan.profile.device_type
     else:
         try:
-            plan["device"] = resolve_device(args.device)
+            plan.device = resolve_device(args.device)
         except TimingError as exc:
             raise BenchError(f"--device: {exc}") from None
-        device_type = plan["device"].type
+        device_type = plan.device.type
         default_dtype = "bfloat16" if device_type == "cuda" else "float32"
     try:
-        plan["dtype"] = parse_dtype(args.dtype or default_dtype)[0]
+        plan.dtype = parse_dtype(args.dtype or default_dtype)[0]
     except TimingError:
         raise BenchError(f"--dtype: {args.dtype!r} is not known: choose one of float32, bfloat16, float16") from None
-    plan["n_layers"] = (args.layers or 8) if args.what == "model" else 1
-    plan["device_type"] = device_type
+    plan.n_layers = (args.layers or 8) if args.what == "model" else 1
+    plan.device_type = device_type
     # on a CPU the machine's speed wanders in spells of seconds: spread each point over the sweep
-    plan["passes"] = _positive("--passes", args.passes) or (3 if device_type == "cpu" else 1)
+    plan.passes = _positive("--passes", args.passes) or (3 if device_type == "cpu" else 1)
     return plan
 
 
-# ----- measuring and predicting -------------------------------------------------------------
-def _measure(args, plan) -> list:
-    from .timing import time_specs
 
-    return time_specs(
-        plan["specs"], seq_lens=plan["seq_lens"], modes=plan["modes"], progress=args.progress,
-        fresh_process=args.fresh_process, desc="bench", batch=args.batch, dtype=plan["dtype"],
-        device=str(plan["device"]), what=args.what, n_layers=plan["n_layers"] if args.what == "model" else None,
-        threads=args.threads, budget_s=args.budget_s, max_repeats=args.max_repeats,
-        cache_dir=args.cache_dir, use_cache=args.use_cache, force=args.force,
-        speed_correction=args.speed_correction, passes=plan["passes"],
-    )
+# ----- records ---------------------------------------------------------------------------------
+def workloads(args, plan, device: str) -> list[Workload]:
+    """The workloads of the grid, by mode, then by N (the short runs first)."""
+    return [Workload(mode=mode, seq_len=n, batch=args.batch, scope=args.what, dtype=plan.dtype, device=device,
+                     n_layers=plan.n_layers, threads=args.threads)
+            for mode in plan.modes for n in plan.seq_lens]
 
 
-def _predict(args, plan) -> list:
-    from ..speed import cost
-    from .timing import TimingResult
-
-    profile = plan["profile"]
-    results = []
-    for mode in plan["modes"]:
-        for n in plan["seq_lens"]:
-            for spec in plan["specs"]:
-                rec = TimingResult(
-                    spec=spec.to_dict(), label=spec.label, variant=spec.variant_name or spec.family,
-                    mode=mode, what=args.what, batch=args.batch, seq_len=n, dtype=plan["dtype"],
-                    device=f"{profile.device_type} (profile {profile.name})", n_layers=plan["n_layers"],
-                    predicted=True, mem_kind="not predicted",
-                    fingerprint={"profile": profile.name, "display_name": profile.display_name,
-                                 "calibration": profile.calibration_label},
-                )
-                bytes_each = 2 if plan["dtype"] in ("bfloat16", "float16") else 4
-                rec.kv_cache_bytes = spec.kv_cache_bytes(n, bytes_each, args.batch) * plan["n_layers"]
-                if mode == "decode":
-                    rec.kv_cache_tokens = n if spec.window is None else min(n, spec.window)
-                try:
-                    pred = cost.predict(spec, profile, batch=args.batch, seq_len=n, mode=mode, dtype=plan["dtype"],
-                                        what=args.what, n_layers=plan["n_layers"])
-                except (cost.CostError, SpecError, ValueError) as exc:
-                    rec.status, rec.error = "error", f"{type(exc).__name__}: {exc}"
-                else:
-                    rec.median_s = pred.seconds
-                    rec.backend = f"model:{pred.path}"
-                    details = pred.to_dict()
-                    details.pop("phases", None)
-                    rec.prediction = details
-                results.append(rec)
-    return results
+def bench_records(args, plan) -> list:
+    """Every point of the plan's grid, measured here or predicted for its profile: one record each."""
+    if plan.profile is not None:
+        source = LatencySource(plan.profile.name, plan.profile)
+        return source.records(plan.specs, workloads(args, plan, plan.profile.device_type))
+    source = latency_source("local", budget_s=args.budget_s, max_repeats=args.max_repeats, cache_dir=args.cache_dir,
+                            use_cache=args.use_cache, force=args.force, speed_correction=args.speed_correction)
+    return source.records(plan.specs, workloads(args, plan, str(plan.device)), progress=args.progress,
+                          fresh_process=args.fresh_process, desc="bench", passes=plan.passes)
 
 
-# ----- tables --------------------------------------------------------------------------------
-def _fmt_s(x) -> str:
-    if x is None:
-        return "-"
-    if x >= 100:
-        return f"{x:.0f}"
-    if x >= 1:
-        return f"{x:.3f}"
-    if x >= 1e-3:
-        return f"{x:.4f}"
-    return f"{x:.2e}"
+def write_outputs(out: Path, results, args, plan) -> list[Path]:
+    """The CSV, the JSON-lines records and the plot under `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    name = stem(args, plan)
+    paths = [out / f"{name}.csv", out / f"{name}.jsonl", out / f"{name}.png"]
+    write_csv(paths[0], results, args, plan)
+    with open(paths[1], "w") as f:
+        for r in results:
+            f.write(json.dumps(r.to_dict()) + "\n")
+    write_plot(paths[2], results, args, plan)
+    return paths
 
 
-def _render(headers, rows) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
-    lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    for r in rows:
-        lines.append("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    return "\n".join(lines)
-
-
-def _baseline_heads(args) -> dict:
+# ----- figures -------------------------------------------------------------------------------
+def baseline_heads(args) -> dict:
     out = {}
     for name in ("mha", "gqa"):
         try:
@@ -309,10 +231,10 @@ def _baseline_heads(args) -> dict:
     return out
 
 
-def _speedups(results, args) -> dict:
+def speedups(results, args) -> dict:
     """(mode, N, spec) -> (vs MHA, vs GQA): baseline seconds / this spec's seconds."""
-    base = _baseline_heads(args)
-    times = {(r.mode, r.seq_len, json.dumps(r.spec, sort_keys=True)): r.median_s for r in results if r.ok}
+    base = baseline_heads(args)
+    times = {(r.mode, r.seq_len, json.dumps(r.spec.to_dict(), sort_keys=True)): r.median_s for r in results if r.ok}
     out = {}
     for r in results:
         row = []
@@ -324,26 +246,26 @@ def _speedups(results, args) -> dict:
     return out
 
 
-def _title(args, plan, results, mode) -> str:
-    what = {"layer": "attention layer", "block": "one block", "model": f"{plan['n_layers']}-layer proxy model"}[args.what]
+def title(args, plan, results, mode) -> str:
+    what = {"layer": "attention layer", "block": "one block", "model": f"{plan.n_layers}-layer proxy model"}[args.what]
     shape = (f"{what}, d_model {args.d_model}, H {args.heads}, {'causal' if args.causal else 'bidirectional'}, "
-             f"batch {args.batch}, {plan['dtype']}")
-    if plan["profile"] is not None:
-        p = plan["profile"]
+             f"batch {args.batch}, {plan.dtype}")
+    if plan.profile is not None:
+        p = plan.profile
         headline = f"PREDICTED (profile {p.name}, calibration: {p.calibration_label}) -- not measured"
         body = f"{p.display_name}: {MODE_TITLES[mode] if mode else ''}{', ' if mode else ''}{shape}; seconds per step"
         return f"{headline}\n{body}"
-    fp = next((r.fingerprint for r in results if r.fingerprint), {})
-    where = fp.get("device_name") or str(plan["device"])
-    threads = f", {fp.get('threads')} threads" if plan["device"].type == "cpu" else ""
-    headline = f"MEASURED on {plan['device']} ({where}{threads}, torch {fp.get('torch_version', '?')})"
-    pooled = f" pooled from {plan['passes']} passes over the grid" if plan.get("passes", 1) > 1 else ""
+    fp = next((r.fingerprint for r in results if r.fingerprint), None) or Fingerprint()
+    where = fp.device_name or str(plan.device)
+    threads = f", {fp.threads} threads" if plan.device.type == "cpu" else ""
+    headline = f"MEASURED on {plan.device} ({where}{threads}, torch {fp.torch_version or '?'})"
+    pooled = f" pooled from {plan.passes} passes over the grid" if plan.passes > 1 else ""
     body = (f"{MODE_TITLES[mode] + ', ' if mode else ''}{shape}; seconds per step, median of timed repeats{pooled}")
-    correction = _speed_note(results)
+    correction = speed_note(results)
     return f"{headline}\n{body}" + (f"\n{correction}" if correction else "")
 
 
-def _speed_note(results) -> str | None:
+def speed_note(results) -> str | None:
     """How much the CPU speed correction moved the figures, so a reader can judge it."""
     corrected = [r for r in results if r.ok and r.speed_corrected and r.machine_speed]
     if not corrected:
@@ -360,152 +282,21 @@ def _speed_note(results) -> str | None:
     return note
 
 
-def _matrix(results, plan, mode) -> str:
-    rows = []
-    for spec in plan["specs"]:
-        row = [spec.label]
-        for n in plan["seq_lens"]:
-            r = _find(results, mode, n, spec)
-            row.append(_cell(r))
-        rows.append(row)
-    return _render(["variant"] + [f"N={n}" for n in plan["seq_lens"]], rows)
-
-
-def _find(results, mode, n, spec):
-    d = spec.to_dict()
+def find(results, mode, n, spec):
     for r in results:
-        if r.mode == mode and r.seq_len == n and r.spec == d:
+        if r.mode == mode and r.seq_len == n and r.spec == spec:
             return r
     return None
 
 
-def _cell(r) -> str:
-    if r is None:
-        return "-"
-    if not r.ok:
-        return r.status.upper()
-    return _fmt_s(r.median_s)
-
-
-def _details(results, plan, mode, speedups) -> str:
-    predicted = plan["profile"] is not None
-    decode = mode == "decode"
-    if predicted:
-        headers = ["variant", "N", "s/step", "vs MHA", "vs GQA", "path", "bound", "GFLOP", "MB moved"]
-    else:
-        headers = ["variant", "N", "s/step", "IQR", "n", "vs MHA", "vs GQA", "backend", "peak mem"]
-    if decode:
-        headers += ["KV cache", "cached tok"]
-    if not predicted:
-        headers.append("flags")
-    rows = []
-    for n in plan["seq_lens"]:
-        for spec in plan["specs"]:
-            r = _find(results, mode, n, spec)
-            if r is None:
-                continue
-            vs_mha, vs_gqa = speedups[id(r)]
-            row = [spec.label, n, _cell(r)]
-            if predicted:
-                pred = r.prediction or {}
-                row += [_fmt_x(vs_mha), _fmt_x(vs_gqa), r.backend or "-", pred.get("bound", "-"),
-                        f"{pred['flops'] / 1e9:.3g}" if "flops" in pred else "-",
-                        f"{pred['bytes'] / 1e6:.3g}" if "bytes" in pred else "-"]
-            else:
-                row += [_fmt_s(r.iqr_s) if r.ok else "-", r.n_repeats or "-", _fmt_x(vs_mha), _fmt_x(vs_gqa),
-                        r.backend or "-", _fmt_bytes(r.peak_mem_bytes)]
-            if decode:
-                row += [_fmt_bytes(r.kv_cache_bytes), r.kv_cache_tokens if r.kv_cache_tokens is not None else "-"]
-            if not predicted:
-                row.append(",".join(r.flags) or "-")
-            rows.append(row)
-    return _render(headers, rows)
-
-
-def _scaling(results, plan, mode) -> list[str]:
-    """How time grows from the smallest to the largest N; windows against full attention."""
-    lines = []
-    ns = plan["seq_lens"]
-    if len(ns) >= 2:
-        lo, hi = ns[0], ns[-1]
-        for spec in plan["specs"]:
-            a, b = _find(results, mode, lo, spec), _find(results, mode, hi, spec)
-            if a and b and a.ok and b.ok and a.median_s:
-                lines.append(f"  {spec.label}: t(N={hi}) / t(N={lo}) = {b.median_s / a.median_s:.2f}x "
-                             f"(N grew {hi / lo:.0f}x; linear = {hi / lo:.0f}x, quadratic = {(hi / lo) ** 2:.0f}x)")
-    for spec in plan["specs"]:
-        if spec.window is None:
-            continue
-        full = spec.replace(window=None, n_global=0)
-        for n in ns:
-            w, f = _find(results, mode, n, spec), _find(results, mode, n, full)
-            if w and f and w.ok and f.ok and w.median_s and f.median_s:
-                ratio = f.median_s / w.median_s
-                verdict = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
-                same = " (N <= W: the same attention)" if n <= spec.window else ""
-                lines.append(f"  {spec.label} vs the same heads with full attention ({full.label}) at N={n}: "
-                             f"{verdict}{same}")
-    return lines
-
-
-def _print_report(results, args, plan, out=None) -> None:
-    out = out or sys.stdout
-    speedups = _speedups(results, args)
-    base = _baseline_heads(args)
-    spec_set = set(json.dumps(s.to_dict(), sort_keys=True) for s in plan["specs"])
-    missing = [k.upper() for k, b in base.items() if b is None or json.dumps(b.to_dict(), sort_keys=True) not in spec_set]
-    for mode in plan["modes"]:
-        print("", file=out)
-        print(_title(args, plan, results, mode), file=out)
-        print(_matrix(results, plan, mode), file=out)
-        print("", file=out)
-        print(_details(results, plan, mode, speedups), file=out)
-        scaling = _scaling(results, plan, mode)
-        if scaling:
-            print("scaling:", file=out)
-            print("\n".join(scaling), file=out)
-    if missing:
-        print(f"\nnote: add {' and '.join(m.lower() for m in missing)} to --variants for speedups vs "
-              f"{' / '.join(missing)}", file=out)
-    failed = [r for r in results if not r.ok]
-    for r in failed:
-        print(f"{r.status.upper()}: {r.label} {r.mode} N={r.seq_len}: {r.error}", file=out)
-    if plan["profile"] is None:
-        flagged = sorted({f for r in results for f in r.flags})
-        if flagged:
-            print(f"flags seen: {', '.join(flagged)} (see sqa_search.speed.timing for what each means)", file=out)
-        rec = next((r for r in results if r.ok), None)
-        if rec is not None:
-            print(f"peak memory: {rec.mem_kind}", file=out)
-        if plan["device"].type == "cpu":
-            load = _load_note(rec.threads if rec is not None else None)
-            if load:
-                print(load, file=out)
-
-
-def _load_note(threads) -> str | None:
-    try:
-        load1 = os.getloadavg()[0]
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return None
-    if load1 > cores:
-        note = (f"note: load average {load1:.1f} on {cores} cores after timing: other work shared the CPU, "
-                f"so these timings are noisy (re-run with --force on a quiet machine)")
-        if threads is None or threads > 1:
-            note += ("; with more than one thread on a busy CPU the threads wait for each other "
-                     "(--threads 1 is steadier)")
-        return note
-    return None
-
 
 # ----- files ---------------------------------------------------------------------------------
-def _csv_rows(results, args, plan):
-    speedups = _speedups(results, args)
+def csv_rows(results, args, plan):
+    ratios = speedups(results, args)
     for r in results:
-        spec = r.spec
+        spec = r.spec.to_dict()
         pred = r.prediction or {}
-        vs_mha, vs_gqa = speedups[id(r)]
+        vs_mha, vs_gqa = ratios[id(r)]
         yield {
             "source": "predicted" if r.predicted else "measured",
             "mode": r.mode,
@@ -542,10 +333,10 @@ def _csv_rows(results, args, plan):
             "kv_cache_tokens": r.kv_cache_tokens,
             "status": r.status,
             "error": r.error,
-            "hardware": (plan["profile"].display_name if plan["profile"] is not None
-                         else (r.fingerprint or {}).get("device_name")),
+            "hardware": (plan.profile.display_name if plan.profile is not None
+                         else (r.fingerprint.device_name if r.fingerprint else None)),
             "fingerprint_id": r.fingerprint_id or None,
-            "profile": plan["profile"].name if plan["profile"] is not None else None,
+            "profile": plan.profile.name if plan.profile is not None else None,
             "calibration": pred.get("calibration"),
             "pred_flops": pred.get("flops"),
             "pred_bytes": pred.get("bytes"),
@@ -553,16 +344,16 @@ def _csv_rows(results, args, plan):
         }
 
 
-def _stem(args, plan) -> str:
-    source = f"predicted-{plan['profile'].name}" if plan["profile"] is not None else f"measured-{plan['device_type']}"
-    return f"bench-{source}-{args.what}-{args.mode}-{plan['dtype']}"
+def stem(args, plan) -> str:
+    source = f"predicted-{plan.profile.name}" if plan.profile is not None else f"measured-{plan.device_type}"
+    return f"bench-{source}-{args.what}-{args.mode}-{plan.dtype}"
 
 
 def write_csv(path: Path, results, args, plan) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
-        for row in _csv_rows(results, args, plan):
+        for row in csv_rows(results, args, plan):
             writer.writerow({k: ("" if v is None else v) for k, v in row.items()})
 
 
@@ -577,12 +368,12 @@ def plot_figure(results, args, plan):
 
     from .._figures import fit_text
 
-    modes = plan["modes"]
+    modes = plan.modes
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 5), squeeze=False, dpi=110)
     for ax, mode in zip(axes[0], modes):
-        for spec in plan["specs"]:
-            pts = [(n, r.median_s) for n in plan["seq_lens"]
-                   if (r := _find(results, mode, n, spec)) is not None and r.ok and r.median_s]
+        for spec in plan.specs:
+            pts = [(n, r.median_s) for n in plan.seq_lens
+                   if (r := find(results, mode, n, spec)) is not None and r.ok and r.median_s]
             if not pts:
                 continue
             xs, ys = zip(*pts)
@@ -590,14 +381,14 @@ def plot_figure(results, args, plan):
             ax.plot(xs, ys, style, marker="o", label=spec.label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_xticks(plan["seq_lens"], [str(n) for n in plan["seq_lens"]])
+        ax.set_xticks(plan.seq_lens, [str(n) for n in plan.seq_lens])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())  # only the N that were run
         ax.set_xlabel("sequence length N")
         ax.set_ylabel("seconds per step")
         ax.set_title(MODE_TITLES[mode])
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(_title(args, plan, results, None), fontsize=10)
+    fig.suptitle(title(args, plan, results, None), fontsize=10)
     fit_text(fig)
     return fig
 
@@ -607,41 +398,3 @@ def write_plot(path: Path, results, args, plan) -> None:
 
     save(plot_figure(results, args, plan), path)
 
-
-# ----- entry points --------------------------------------------------------------------------
-def run(args) -> int:
-    """Run the bench for parsed `args` (see add_arguments). 0 = done, 1 = nothing ran, 2 = bad option."""
-    try:
-        plan = _validate(args)
-    except BenchError as exc:
-        print(f"sqa-search bench: error: {exc}", file=sys.stderr)
-        return 2
-    if plan["profile"] is not None:
-        results = _predict(args, plan)
-    else:
-        results = _measure(args, plan)
-    _print_report(results, args, plan)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = _stem(args, plan)
-        write_csv(out / f"{stem}.csv", results, args, plan)
-        with open(out / f"{stem}.jsonl", "w") as f:
-            for r in results:
-                f.write(json.dumps(r.to_dict()) + "\n")
-        write_plot(out / f"{stem}.png", results, args, plan)
-        print(f"\nwrote {out / (stem + '.csv')}, {out / (stem + '.jsonl')}, {out / (stem + '.png')}")
-    return 0 if any(r.ok for r in results) else 1
-
-
-def main(argv=None) -> int:
-    """`python -m sqa_search.speed.bench`: the same as `sqa-search bench`, errors included."""
-    import sys
-
-    from ..cli import main as cli_main
-
-    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

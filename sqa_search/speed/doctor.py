@@ -21,20 +21,20 @@ need more repeats or passes, not so much that they are useless). Exit status 1 o
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
-from pathlib import Path
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from ..errors import UserError
 from ..layer.spec import AttentionSpec
+from .device import TimingError, resolve_device
+from .timing import time_spec
+from .workload import Workload
 
-__all__ = ["Check", "DoctorError", "TOLERANCES", "run_doctor", "add_arguments", "run"]
+__all__ = ["Check", "DoctorError", "TOLERANCES", "run_doctor", "resolve"]
 
 # Relative error allowed per dtype (see the module docstring). float32 kernels agree with
 # float64 to ~1e-6 on CPU; the 16-bit ones accumulate in float32 but round P and the output.
@@ -213,12 +213,10 @@ def _judge(row: Check, case: _Case, device: torch.device) -> None:
 
 # ----- timing sanity -------------------------------------------------------------------------------
 def _spread_check(device: torch.device, dtype_name: str, quick: bool) -> Check:
-    from .timing import time_spec
-
     spec = AttentionSpec.variant("sqa", 256, 16)
-    r = time_spec(spec, seq_len=1024, mode="prefill", dtype=dtype_name, device=device, use_cache=False,
-                  threads=1 if device.type == "cpu" else None, budget_s=0.3 if quick else 1.0, min_repeats=10,
-                  max_repeats=200)
+    workload = Workload(mode="prefill", seq_len=1024, dtype=dtype_name, device=str(device),
+                        threads=1 if device.type == "cpu" else None)
+    r = time_spec(spec, workload, use_cache=False, budget_s=0.3 if quick else 1.0, min_repeats=10, max_repeats=200)
     row = Check("timing: repeat spread (IQR/median)", spec.label, dtype_name, "timing", tolerance=SPREAD_FAIL,
                 backend=r.backend or "")
     if not r.ok:
@@ -268,9 +266,7 @@ def _event_check(device: torch.device, dtype_name: str) -> Check:
 
 
 # ----- the command ---------------------------------------------------------------------------------
-def _resolve(device: str, dtypes: str | None) -> tuple[torch.device, tuple]:
-    from .timing import TimingError, resolve_device
-
+def resolve(device: str, dtypes: str | None) -> tuple[torch.device, tuple]:
     try:
         dev = resolve_device(device)
     except TimingError as exc:
@@ -286,7 +282,7 @@ def _resolve(device: str, dtypes: str | None) -> tuple[torch.device, tuple]:
 
 def run_doctor(device: str = "auto", dtypes: str | None = None, quick: bool = False, log=None) -> list[Check]:
     """Every check on `device` (see the module docstring); `log(row)` is called as rows finish."""
-    dev, names = _resolve(device, dtypes)
+    dev, names = resolve(device, dtypes)
     if quick:
         names = names[:1]
     log = log or (lambda row: None)
@@ -304,48 +300,3 @@ def run_doctor(device: str = "auto", dtypes: str | None = None, quick: bool = Fa
     finally:
         torch.set_num_threads(old_threads)
     return rows
-
-
-def _table(rows: list[Check]) -> str:
-    from tabulate import tabulate
-
-    def fmt(x):
-        return "" if x is None else f"{x:.1e}"
-
-    return tabulate([[r.status, r.check, r.spec, r.dtype, r.mode, r.backend, fmt(r.error), fmt(r.tolerance), r.note]
-                     for r in rows],
-                    headers=["", "check", "spec", "dtype", "mode", "ran", "error", "tol", "note"])
-
-
-def _summary(rows: list[Check], device: torch.device, seconds: float) -> str:
-    counts = {s: sum(r.status == s for r in rows) for s in ("PASS", "FAIL", "WARN", "SKIP")}
-    verdict = "FAILED" if counts["FAIL"] else "ok"
-    return (f"doctor {verdict}: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['WARN']} warnings, "
-            f"{counts['SKIP']} skipped on {device} (torch {torch.__version__}) in {seconds:.0f} s")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--dtype", default=None,
-                        help="comma-separated dtypes to check (default: CPU float32,bfloat16; "
-                             "CUDA float16,bfloat16,float32)")
-    parser.add_argument("--quick", action="store_true", help="one case per path, the first dtype only")
-    parser.add_argument("--json", metavar="FILE", help="also write every row and the summary as JSON")
-
-
-def run(args) -> int:
-    dev, _ = _resolve(args.device, args.dtype)  # bad flags fail before anything runs
-    if args.json:  # so is a JSON path that cannot be written: not after a whole run
-        Path(args.json).open("a").close()
-    t0 = time.perf_counter()
-    rows = run_doctor(args.device, args.dtype, args.quick,
-                      log=lambda r: print(f"  {r.status:4s} {r.check} [{r.dtype} {r.mode}] {r.backend}", flush=True))
-    summary = _summary(rows, dev, time.perf_counter() - t0)
-    print()
-    print(_table(rows))
-    print(summary)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": summary, "device": str(dev), "torch": torch.__version__,
-                                               "tolerances": TOLERANCES, "rows": [asdict(r) for r in rows]},
-                                              indent=1))
-    return 1 if any(r.status == "FAIL" for r in rows) else 0
