@@ -305,7 +305,8 @@ def test_damaged_export(case, tmp_path):
 def _api_cases():
     from sqa_search import AttentionSpec as Spec, SparseQueryAttention
     from sqa_search.layer.model import build_model
-    from sqa_search.quality.data import get_tokenizer, load_tokens
+    from sqa_search.quality.tokenizer import get_tokenizer
+    from sqa_search.quality.tokens import load_tokens
     from sqa_search.search.space import load_space
     from sqa_search.quality.train import TrainConfig
 

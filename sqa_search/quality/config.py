@@ -172,7 +172,7 @@ class TrainConfig:
     def _check_run_settings(self) -> None:
         """The MQAR task's settings, the dtype and the device."""
         if not isinstance(self.mqar, MQARConfig):
-            raise TrainError.for_field("mqar", self.mqar, "must be an sqa_search.quality.data.MQARConfig")
+            raise TrainError.for_field("mqar", self.mqar, "must be an sqa_search.quality.mqar.MQARConfig")
         if self.dtype not in DTYPES:
             raise TrainError.for_field("dtype", self.dtype,
                                        f"choose one of {', '.join(DTYPES)} (float16 needs loss scaling; use bfloat16)")

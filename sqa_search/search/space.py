@@ -546,7 +546,7 @@ def _read_constraints(c: _Reader) -> ConstraintSection:
 def train_config_from(training: dict, quality: str = "val_loss", check_device: bool = True):
     """The `training` section -> a TrainConfig. The task defaults to what the quality objective
     needs. check_device=False validates a GPU space on a machine without one."""
-    from ..quality.data import MQARConfig  # quality/ imports torch: only when training is configured
+    from ..quality.mqar import MQARConfig  # quality/ imports torch: only when training is configured
     from ..quality.train import TrainConfig
 
     fields = dict(training)
