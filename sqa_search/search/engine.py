@@ -134,7 +134,11 @@ class TrialObjective:
             return quality
         # every objective in use, read back from what the trial recorded
         record = from_trial(trial)
-        return [objective.value(record) for objective in self.space.objectives_in_use()]
+        values = {objective.name: objective.value(record) for objective in self.space.objectives_in_use()}
+        missing = [name for name, value in values.items() if value is None]
+        if missing:  # e.g. peak memory where the platform cannot measure it
+            self._fail(trial, f"no value for the objective(s) {', '.join(missing)}")
+        return list(values.values())
 
     def _fail(self, trial, reason: str):
         record_failure(trial, reason)
@@ -174,7 +178,8 @@ class TrialObjective:
                 from ..speed.hardware import load_profile
 
                 pred = predict(spec, load_profile(t.hardware), workload)
-                records.append({"seq_len": n, "predicted_s": pred.seconds, "bound": pred.bound})
+                records.append({"seq_len": n, "predicted_s": pred.seconds, "bound": pred.bound,
+                                "peak_mem_bytes": pred.peak_memory_bytes})
                 total += pred.seconds
                 source = f"predicted for {t.hardware} ({pred.calibration})"
         record_latency(trial, records, total, source, fingerprint)

@@ -35,7 +35,8 @@ constraints:
   max_latency_s: null            # on the target
 objectives:
   quality: val_loss              # val_loss | mqar_accuracy
-  kv_cache: false                # true: KV-cache bytes as a third objective
+  kv_cache: false                # true: KV-cache bytes as an objective
+  memory: false                  # true: peak memory of the timed step (measured, or predicted by the cost model)
 study:
   mode: pareto                   # pareto (multi-objective) | constrained (min quality s.t. budgets; prunes)
   sampler: tpe                   # tpe | nsga2 | gp | random (measured: see README)
@@ -67,7 +68,7 @@ from ..speed.workload import MODES, Workload
 from ..speed.workload import SCOPES as WHATS  # the target's `what` is the workload's scope
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype", "SEARCH_PARAMS",
-           "params_of", "Objective", "quality_objective", "LATENCY", "KV_CACHE"]
+           "params_of", "Objective", "quality_objective", "LATENCY", "KV_CACHE", "MEMORY"]
 
 # The search parameters: what a sampler proposes and a trial's params hold, in this order, for both
 # backends and the efficiency benchmark.
@@ -113,6 +114,7 @@ def quality_objective(metric: str) -> Objective:
 
 LATENCY = Objective("latency_s", "minimize", "latency_s", unit="s")
 KV_CACHE = Objective("kv_cache_bytes", "minimize", "kv_cache_bytes", unit="bytes", fmt=".0f")
+MEMORY = Objective("peak_memory_bytes", "minimize", "peak_memory_bytes", unit="bytes", fmt=".0f")
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUALITIES = ("val_loss", "mqar_accuracy")
@@ -190,6 +192,7 @@ class ConstraintSection:
 class ObjectiveSection:
     quality: str = "val_loss"
     kv_cache: bool = False
+    memory: bool = False
 
 
 @dataclass(frozen=True)
@@ -276,6 +279,8 @@ class SearchSpace:
         out = [quality_objective(self.objectives.quality), LATENCY]
         if self.objectives.kv_cache:
             out.append(KV_CACHE)
+        if self.objectives.memory:
+            out.append(MEMORY)
         return out
 
     def objectives_in_use(self) -> list[Objective]:
@@ -326,6 +331,8 @@ class SearchSpace:
             data["target"][key] = list(data["target"][key])
         for key in ("n_q_heads", "n_kv_heads", "window", "n_global", "variants"):
             data["search"][key] = list(data["search"][key])
+        if not data["objectives"]["memory"]:  # unwritten when off: older spaces keep their fingerprint
+            del data["objectives"]["memory"]
         return data
 
     def fingerprint(self) -> str:
@@ -452,7 +459,8 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
 
     o = top.section("objectives")
     o.check_unknown([f.name for f in dataclasses.fields(ObjectiveSection)])
-    objectives = ObjectiveSection(quality=o.choice("quality", "val_loss", QUALITIES), kv_cache=o.bool("kv_cache", False))
+    objectives = ObjectiveSection(quality=o.choice("quality", "val_loss", QUALITIES), kv_cache=o.bool("kv_cache", False),
+                                 memory=o.bool("memory", False))
 
     st = top.section("study")
     st.check_unknown([f.name for f in dataclasses.fields(StudySection)])

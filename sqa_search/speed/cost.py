@@ -75,7 +75,7 @@ from .hardware import CostError, HardwareProfile, load_profile, plain
 from .phases import Builder, Phase, layer_phases, norm
 from .workload import MODES, SCOPES, Latency, Workload
 
-__all__ = ["CostError", "Phase", "Prediction", "DTYPES", "KINDS", "step_cost", "build_phases", "predict",
+__all__ = ["CostError", "Phase", "Prediction", "peak_memory", "DTYPES", "KINDS", "step_cost", "build_phases", "predict",
            "phase_times", "dtype_info", "canonical_dtype", "default_d_ff"]
 
 KINDS = ("matmul", "attention", "elementwise")
@@ -224,6 +224,7 @@ class Prediction:
     path: str = ""  # the attention path modelled (sdpa, flex, blocked, sdpa-masked, decode)
     breakdown: dict = field(default_factory=dict)  # seconds in compute-, memory-bound phases, overhead
     phases: list = field(default_factory=list)  # per phase: name, kind, flops, bytes, seconds, bound
+    peak_memory_bytes: int | None = None  # `peak_memory` of the step: what the timing's memory figure measures
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))
@@ -232,7 +233,8 @@ class Prediction:
     def latency(self) -> Latency:
         """The figure in the shape every latency source gives (kind "predicted")."""
         return Latency(seconds=self.seconds, kind="predicted", where=f"{self.profile} ({self.calibration})",
-                       seq_len=self.seq_len, backend=f"model:{self.path}", flags=(f"{self.bound}-bound",))
+                       seq_len=self.seq_len, backend=f"model:{self.path}", flags=(f"{self.bound}-bound",),
+                       peak_memory_bytes=self.peak_memory_bytes)
 
 
 def phase_times(phases, profile: HardwareProfile, peak_key: str, eff: dict, overhead: float):
@@ -287,4 +289,44 @@ def predict(spec, profile, workload: Workload, *, vocab_size: int = 256) -> Pred
              "seconds": max(c, m) + o, "bound": "compute" if c >= m else "memory"}
             for ph, c, m, o in rows
         ],
+        peak_memory_bytes=peak_memory(spec, workload, path=path, vocab_size=vocab_size),
     )
+
+
+# ----- peak memory ---------------------------------------------------------------------------------
+def peak_memory(spec, workload: Workload, *, path: str = "sdpa", vocab_size: int = 256) -> int:
+    """Bytes the step holds at its peak, counted as the timing measures them (speed/measure.py):
+    what lives across calls (weights, the input, a decode's KV cache) plus the largest set of
+    activations alive at once during one call. A tensor-by-tensor count of the eager layer and
+    proxy model, not a fit: allocator slack, kernel workspaces and (on CPU) page rounding are left
+    out, so expect tens of percent either way (benchmarks/memory_model.py prints the error).
+
+    Scopes as the timing builds them: "layer" and "block" are one layer, "model" has
+    `workload.n_layers` blocks. Train keeps every layer's saved activations for the backward pass
+    and adds the weights' gradients; prefill holds one layer's activations at a time."""
+    spec = AttentionSpec.coerce(spec)
+    eb, b, n, d = workload.dtype_bytes, workload.batch, workload.seq_len, spec.d_model
+    hd, hq, hkv = spec.head_dim, spec.n_q_heads, spec.n_kv_heads
+    layers = workload.n_layers if workload.scope == "model" else 1
+    d_ff = workload.d_ff or default_d_ff(d)
+    attn_weights = d * (hq + 2 * hkv) * hd + hq * hd * d
+    block_weights = attn_weights + (3 * d * d_ff + 2 * d if workload.scope != "layer" else 0)
+    weights = eb * (layers * block_weights + (vocab_size * d + d if workload.scope == "model" else 0))
+    if workload.mode == "decode":  # one new token against a cache of n: the cache is the memory
+        cache = 2 * eb * b * hkv * hd * n * layers
+        scores = eb * b * hq * (n + spec.n_global)
+        return int(weights + cache + scores + eb * b * d * 4)
+    # activations of one layer per token: projections, RoPE'd q and k, attention output, merged output
+    attn = (hq + 2 * hkv) * hd + (hq + hkv) * hd + hq * hd + d
+    mlp = 4 * d_ff + d if workload.scope != "layer" else 0  # gate, up, silu(gate), their product
+    per_token = max(attn, mlp) + (2 * d if workload.scope != "layer" else 0)  # + norm output, residual
+    live = eb * b * n * per_token
+    if path in ("sdpa-masked", "flex-eager"):  # a dense (N, N + G) mask and scores are materialised
+        live += eb * b * hq * n * (n + spec.n_global) * 2
+    inputs = eb * b * n * d if workload.scope != "model" else 8 * b * n  # model scope: token ids
+    logits = 4 * b * n * vocab_size if workload.scope == "model" else 0
+    if workload.mode == "prefill":
+        return int(weights + inputs + live + logits)
+    saved = eb * b * n * (attn + mlp + (3 * d if workload.scope != "layer" else 0)) * layers
+    input_grad = eb * b * n * d
+    return int(2 * weights + inputs + saved + live + logits + input_grad)
