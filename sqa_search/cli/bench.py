@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .._format import fmt_bytes, fmt_x
 from ..layer.spec import VARIANTS
+from ..speed.workload import SCOPES
 from ..speed.bench import (DEFAULT_VARIANTS, MODE_CHOICES, BenchError, baseline_heads, bench_records, find,
                            make_plan, speedups, title, write_outputs)
 
@@ -38,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="causal attention, a decoder (default)")
     causal.add_argument("--bidirectional", dest="causal", action="store_false",
                         help="bidirectional attention, an encoder")
-    parser.add_argument("--what", default="layer", choices=("layer", "block", "model"),
+    parser.add_argument("--what", default="layer", choices=SCOPES,
                         help="time the attention layer, a whole block, or the whole proxy model (default layer)")
     parser.add_argument("--layers", type=int, default=None,
                         help="layers of the proxy model with --what model (default 8, the paper's)")

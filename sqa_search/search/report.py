@@ -16,6 +16,7 @@ from .._figures import fit_text, save
 from .pareto import hypervolume_history, non_dominated_mask, reference_point
 from .recovery import INTERRUPTED, is_interrupted
 from .records import TrialRecord, from_trial
+from .space import SEARCH_PARAMS
 
 __all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "front_figure",
            "front_plotly_figure", "hypervolume_figure", "FRONT_COLOUR"]
@@ -25,8 +26,7 @@ def _trial_row(handle, trial, record: TrialRecord) -> dict:
     row = {
         "trial": record.number, "state": record.state, "label": record.label,
         "variant": record.variant, "family": record.family,
-        "n_q_heads": record.params.get("n_q_heads"), "n_kv_heads": record.params.get("n_kv_heads"),
-        "window": record.params.get("window"), "n_global": record.params.get("n_global"),
+        **{name: record.params.get(name) for name in SEARCH_PARAMS},
         "quality": record.quality, "latency_s": record.latency_s,
         "kv_cache_bytes": record.kv_cache_bytes, "n_params": record.n_params,
         "val_loss": record.train_value("val_loss"), "mqar_accuracy": record.train_value("mqar_accuracy"),

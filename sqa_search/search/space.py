@@ -57,7 +57,7 @@ import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -65,7 +65,8 @@ from ..common import DTYPE_BYTES, resolve_device_name
 from ..errors import UserError
 from ..layer.spec import VARIANTS, AttentionSpec, SpecError, variant_heads, normalise_variant
 from ..speed.workload import MODES, Workload
-from ..speed.workload import SCOPES as WHATS  # the target's `what` is the workload's scope
+from ..speed.workload import SCOPES as WHATS
+from .objectives import KV_CACHE, LATENCY, MEMORY, Objective, quality_objective  # the target's `what` is the workload's scope
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype", "SEARCH_PARAMS",
            "params_of", "Objective", "quality_objective", "LATENCY", "KV_CACHE", "MEMORY"]
@@ -79,42 +80,6 @@ def params_of(spec: AttentionSpec) -> dict:
     """A spec's search parameters, as a trial stores them."""
     return {name: getattr(spec, name) for name in SEARCH_PARAMS}
 
-
-@dataclass(frozen=True)
-class Objective:
-    """One objective of a study: its name (the metric the samplers and Ray see), its direction,
-    the column it has in the trials table and how its value is read from a trial's record.
-
-    To add an objective: declare it here (and switch it on in `SearchSpace.declared_objectives`)
-    and write its value into the trial record (records.py); the backends, report, show, recommend
-    and export go through `SearchSpace.objectives_in_use()` / `declared_objectives()`.
-    """
-
-    name: str
-    direction: str  # minimize | maximize
-    column: str  # the trials table's column (and TrialRecord's attribute, unless `read` is given)
-    unit: str = ""  # for axis labels and table headers
-    fmt: str = ".4g"
-    read: Callable | None = None  # TrialRecord -> value; default: the record's attribute `column`
-
-    def value(self, record) -> float | None:
-        """This objective's value in a `records.TrialRecord` (None when the trial has none)."""
-        value = self.read(record) if self.read is not None else getattr(record, self.column, None)
-        return None if value is None else float(value)
-
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.unit})" if self.unit else self.name
-
-
-def quality_objective(metric: str) -> Objective:
-    """The quality objective: the training metric the space names (val_loss or mqar_accuracy)."""
-    return Objective(metric, "maximize" if metric == "mqar_accuracy" else "minimize", "quality")
-
-
-LATENCY = Objective("latency_s", "minimize", "latency_s", unit="s")
-KV_CACHE = Objective("kv_cache_bytes", "minimize", "kv_cache_bytes", unit="bytes", fmt=".0f")
-MEMORY = Objective("peak_memory_bytes", "minimize", "peak_memory_bytes", unit="bytes", fmt=".0f")
 
 DTYPES = ("float32", "bfloat16", "float16")
 QUALITIES = ("val_loss", "mqar_accuracy")
@@ -329,7 +294,7 @@ class SearchSpace:
         data.pop("source")
         for key in ("seq_len",):
             data["target"][key] = list(data["target"][key])
-        for key in ("n_q_heads", "n_kv_heads", "window", "n_global", "variants"):
+        for key in (*SEARCH_PARAMS, "variants"):
             data["search"][key] = list(data["search"][key])
         if not data["objectives"]["memory"]:  # unwritten when off: older spaces keep their fingerprint
             del data["objectives"]["memory"]

@@ -294,7 +294,7 @@ def find(results, mode, n, spec):
 def csv_rows(results, args, plan):
     ratios = speedups(results, args)
     for r in results:
-        spec = r.spec.to_dict()
+        spec = r.spec
         pred = r.prediction or {}
         vs_mha, vs_gqa = ratios[id(r)]
         yield {
@@ -304,13 +304,13 @@ def csv_rows(results, args, plan):
             "what": r.what,
             "variant": r.variant,
             "label": r.label,
-            "n_q_heads": spec["n_q_heads"],
-            "n_kv_heads": spec["n_kv_heads"],
-            "window": spec.get("window"),
-            "n_global": spec.get("n_global", 0),
-            "causal": spec.get("causal"),
-            "d_model": spec["d_model"],
-            "n_heads": spec["n_heads"],
+            "n_q_heads": spec.n_q_heads,
+            "n_kv_heads": spec.n_kv_heads,
+            "window": spec.window,
+            "n_global": spec.n_global,
+            "causal": spec.causal,
+            "d_model": spec.d_model,
+            "n_heads": spec.n_heads,
             "n_layers": r.n_layers,
             "batch": r.batch,
             "seq_len": r.seq_len,
