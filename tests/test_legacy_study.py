@@ -65,3 +65,19 @@ def test_old_export_config_loads():
     layer = load_layer(FIXTURE / "export" / "config.json")
     assert (layer.spec.n_q_heads, layer.spec.n_kv_heads) == (1, 1)
     assert layer(torch.randn(1, 16, 32)).shape == (1, 16, 32)
+
+
+def test_run_resumes_the_old_study(old_study, tmp_path):
+    """The space it was made from has the same fingerprint today: `run` resumes it (nothing left to
+    do at 6 trials, one more with --trials 7) instead of refusing a changed space."""
+    import optuna
+
+    shutil.copy(FIXTURE / "tiny.yaml", tmp_path / "tiny.yaml")
+    done = _cli("run", "tiny.yaml", "--studies-dir", "studies", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    storage = f"sqlite:///{old_study / 'study.db'}"
+    assert len(optuna.load_study(study_name="legacy_v1", storage=storage).trials) == 6
+    done = _cli("run", "tiny.yaml", "--studies-dir", "studies", "--trials", "7", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    trials = optuna.load_study(study_name="legacy_v1", storage=storage).trials
+    assert len(trials) == 7 and trials[-1].state.name in ("COMPLETE", "PRUNED")
