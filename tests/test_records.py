@@ -85,7 +85,7 @@ def test_duplicates_failures_prunes_and_reruns(study):
                                    {"seq_len": 256, "predicted_s": 1.5, "bound": "memory"}], 2.0,
                            "predicted for h100 (uncalibrated)")
     records.record_training(first, {"val_loss": 4.0})
-    records.record_quality(first, 4.0)
+    records.record_replicates(first, [4.0], [0], 4.0, None)  # one replicate: no standard error
     study.tell(first, [4.0, 2.0, 1.0])
     earlier = records.read_records(study)[0]
     assert [lat.kind for lat in earlier.latencies] == ["predicted", "predicted"]
@@ -105,6 +105,7 @@ def test_duplicates_failures_prunes_and_reruns(study):
     assert dup.duplicate_of == 0 and not dup.evaluated and dup.quality == 4.0 and dup.latency_s == 2.0
     assert dup.train == {"val_loss": 4.0} and len(dup.latencies) == 2
     assert set(dup.stored) >= set(records.REUSED)
+    assert dup.quality_values == [4.0] and dup.replicate_seeds == [0] and dup.quality_se is None
     assert fail.state == "FAIL" and fail.reason == "timing oom: out of memory"
     assert prune.state == "PRUNED" and prune.reason == "invalid combination: x"
     assert records.rerun_attrs(fail) == {records.RETRY_OF: fail.number}
@@ -124,6 +125,7 @@ def test_the_legacy_study_reads_through_records(tmp_path):
         if not record.complete:
             continue
         assert record.label == row.label and record.quality == pytest.approx(row.quality)
+        assert record.quality_se is None and record.quality_values == [record.quality]  # one seed, no SE
         assert record.latency_s == pytest.approx(row.latency_s)
         assert record.spec is not None and (record.spec.n_q_heads, record.spec.n_kv_heads) == (row.n_q_heads,
                                                                                                 row.n_kv_heads)

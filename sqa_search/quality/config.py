@@ -69,6 +69,10 @@ class TrainConfig:
     deterministic for a fixed thread count already.
     ``diverge_loss``: a training loss above this (or NaN/inf) ends the trial as diverged; None
     means 3 x ln(vocab), three times the loss of a uniform guess.
+    ``paired_init``: initialise from ``seed`` so that candidates share their weights where shapes
+    allow (`sqa_search.quality.paired_init`: a candidate's heads are a slice of one full-size
+    draw), which makes the difference between two candidates vary less from seed to seed than
+    their losses do; False keeps the plain ``torch.manual_seed(seed)`` initialisation.
     """
 
     budget_tokens: int | None = None
@@ -96,6 +100,7 @@ class TrainConfig:
     threads: int | None = None
     deterministic: bool = True
     diverge_loss: float | None = None
+    paired_init: bool = True
 
     def __post_init__(self) -> None:
         self._check_budget()
@@ -176,8 +181,9 @@ class TrainConfig:
         if self.dtype not in DTYPES:
             raise TrainError.for_field("dtype", self.dtype,
                                        f"choose one of {', '.join(DTYPES)} (float16 needs loss scaling; use bfloat16)")
-        if not isinstance(self.deterministic, bool):
-            raise TrainError.for_field("deterministic", self.deterministic, "must be True or False")
+        for name in ("deterministic", "paired_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise TrainError.for_field(name, getattr(self, name), "must be True or False")
         try:
             device = torch.device(self.device)
         except (RuntimeError, TypeError) as exc:

@@ -19,7 +19,10 @@ Two tasks, each its own short training run from the same seed:
 
 Every candidate sees the same data in the same order: batch ``k`` is
 ``lm_batch(..., step=k, seed=data_seed)`` (or ``mqar_batch``), a pure function of
-``(data_seed, step)``, and the model is initialised after ``torch.manual_seed(seed)``. By default
+``(data_seed, step)``, and the model is initialised from ``seed``: by default paired across
+candidates (`sqa_search.quality.paired_init`: embeddings, norms and MLP the same tensors, a
+candidate's attention heads a slice of one full-size draw), or, with ``paired_init=False``, after
+``torch.manual_seed(seed)``. By default
 ``data_seed`` is fixed (0), so replicate seeds vary the initialisation only and every trial of a
 study reads one common data stream (common random numbers: a difference between two candidates
 is not confounded with a difference in data order); ``data_seed=None`` makes the seed drive
@@ -54,6 +57,7 @@ from ..layer.spec import AttentionSpec
 from .config import DEFAULT_BUDGET_TOKENS, DEFAULT_MQAR, DTYPES, TASKS, TrainConfig, TrainError
 from .corpus import TextSource
 from .mqar import IGNORE_INDEX, mqar_batch
+from .paired_init import paired_initialise
 from .plan import TaskPlan, plan_task, resolve_data
 from .result import TrainResult, json_safe
 from .tokens import TokenData, lm_batch, val_batches
@@ -275,6 +279,8 @@ def _start_task(plan: TaskPlan, cfg: TrainConfig, data: TokenData | None, step_o
     )
     torch.manual_seed(cfg.seed)
     model = ProxyLM(plan.model_config).to(device)
+    if cfg.paired_init:  # the same seed, the same weights wherever shapes allow (common random numbers)
+        paired_initialise(model, cfg.seed)
     return _TaskRun(plan, cfg, data, device, autocast, model, _optimizer(model, cfg), step_offset)
 
 

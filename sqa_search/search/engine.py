@@ -39,13 +39,14 @@ from .records import (
     record_failure,
     record_latency,
     record_prune,
-    record_quality,
+    record_replicates,
     record_spec,
     record_training,
     store_owner,
 )
 from .recovery import INTERRUPTED, finished_count, is_interrupted, recover_interrupted, waiting_reruns
-from .space import SearchSpace, candidate_key, load_space, params_of, space_from_dict, train_config_from
+from .space import (SearchSpace, candidate_key, load_space, params_of, replicates_of, space_from_dict,
+                    train_config_from)
 from .storage import StudyError
 from .studies import DEFAULT_STUDIES_DIR, StudyHandle, open_study, open_study_storage, prepare_study, running_study, study_dir_for
 from .workers import run_processes
@@ -186,13 +187,15 @@ class TrialObjective:
         return total, source
 
     def _train(self, trial, spec: AttentionSpec) -> float:
-        from ..quality.train import train_spec  # torch: loaded when the first trial trains, not at import
+        """Train the candidate once per replicate seed (training.seed, + 1, ...); its quality is the
+        mean, stored with its standard error and the per-seed values. A failed seed fails the trial."""
+        from ..quality.replicates import replicate_seeds, train_replicates  # torch: loaded when the first trial trains
 
         config = train_config_from(self.space.training, self.space.objectives.quality)
         constrained = self.space.study.mode == "constrained"
         metric = self.space.objectives.quality
 
-        def report(step, metrics):
+        def report(step, metrics):  # sees the first seed only (train_replicates): like with like
             value = metrics.get("val_loss")
             if constrained and value is not None and metric == "val_loss" and math.isfinite(value):
                 trial.report(value, step)  # single-objective only: multi-objective cannot prune
@@ -201,18 +204,14 @@ class TrialObjective:
                     raise optuna.TrialPruned()
 
         m = self.space.model
-        result = train_spec(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, callback=report,
-                            progress=self.progress)
-        summary = {k: v for k, v in result.to_dict().items() if k not in ("loss_curve", "mqar_loss_curve", "evals",
-                                                                        "train_config", "model_config")}
-        record_training(trial, summary)
-        if result.status != "ok":
+        seeds = replicate_seeds(config.seed, replicates_of(self.space.training))
+        result = train_replicates(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, seeds, metric=metric,
+                                  callback=report, progress=self.progress)
+        record_training(trial, result.summary())
+        if not result.ok:
             self._fail(trial, f"training {result.status}: {result.reason}")
-        value = getattr(result, metric)
-        if value is None or not math.isfinite(value):
-            self._fail(trial, f"training produced no finite {metric}")
-        record_quality(trial, value)
-        return float(value)
+        record_replicates(trial, result.values, result.seeds, result.mean, result.se)
+        return float(result.mean)
 
 
 # ----- running ------------------------------------------------------------------------------------

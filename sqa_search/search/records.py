@@ -26,7 +26,10 @@ VARIANT = "variant"
 FAMILY = "family"
 KV_CACHE_BYTES = "kv_cache_bytes"
 N_PARAMS = "n_params"
-QUALITY = "quality"
+QUALITY = "quality"  # the figure the study optimises: the mean over replicates
+QUALITY_SE = "quality_se"  # its standard error (None with one replicate)
+QUALITY_VALUES = "quality_values"  # one per replicate, in seed order
+REPLICATE_SEEDS = "replicate_seeds"
 LATENCY_S = "latency_s"
 LATENCY_SOURCE = "latency_source"
 TIMING = "timing"
@@ -42,7 +45,7 @@ HOST = "host"
 RAY = "ray"  # the Ray backend's trial id, experiment, node and worker fingerprint
 
 # what a duplicate copies from the trial it repeats
-REUSED = (LATENCY_S, LATENCY_SOURCE, QUALITY, TRAIN, TIMING)
+REUSED = (LATENCY_S, LATENCY_SOURCE, QUALITY, QUALITY_SE, QUALITY_VALUES, REPLICATE_SEEDS, TRAIN, TIMING)
 
 
 def _latency_from_stored(row: dict, source: str | None, fingerprint: Fingerprint | None) -> Latency:
@@ -78,7 +81,10 @@ class TrialRecord:
     label: str | None = None
     variant: str | None = None
     family: str | None = None
-    quality: float | None = None
+    quality: float | None = None  # the mean over replicates
+    quality_se: float | None = None  # its standard error; None with one replicate (and in older studies)
+    quality_values: list[float] = field(default_factory=list)  # per replicate, in seed order
+    replicate_seeds: list[int] = field(default_factory=list)
     latency_s: float | None = None  # summed over the target's sequence lengths
     latency_source: str | None = None  # the words stored with it ("measured on ...", "predicted for ...")
     latencies: list[Latency] = field(default_factory=list)  # one per sequence length
@@ -152,10 +158,12 @@ class TrialRecord:
         fp_id = next((row.get("fingerprint_id") for row in timing if row.get("fingerprint_id")), None)
         duration = getattr(trial, "duration", None)
         values = getattr(trial, "values", None)
+        quality_values, seeds = _replicates_stored(attrs)
         return cls(
             number=trial.number, state=state.name if state is not None else "RUNNING", values=tuple(values) if values else None,
             params=dict(trial.params), spec=spec, label=attrs.get(LABEL), variant=attrs.get(VARIANT),
-            family=attrs.get(FAMILY), quality=attrs.get(QUALITY), latency_s=attrs.get(LATENCY_S),
+            family=attrs.get(FAMILY), quality=attrs.get(QUALITY), quality_se=attrs.get(QUALITY_SE),
+            quality_values=quality_values, replicate_seeds=seeds, latency_s=attrs.get(LATENCY_S),
             latency_source=source, latencies=[_latency_from_stored(row, source, fp) for row in timing],
             timing_rows=[dict(row) for row in timing],
             fingerprint=fp, fingerprint_id=fp_id, kv_cache_bytes=attrs.get(KV_CACHE_BYTES),
@@ -166,6 +174,18 @@ class TrialRecord:
             duration_s=duration.total_seconds() if duration else None, pid=attrs.get(PID), host=attrs.get(HOST),
             ray=attrs.get(RAY) if isinstance(attrs.get(RAY), dict) else None, stored=dict(attrs),
         )
+
+
+def _replicates_stored(attrs: dict) -> tuple[list[float], list[int]]:
+    """(quality per replicate, their seeds). A trial stored before replicates trained one seed:
+    its quality alone, and the seed its training summary names (if any)."""
+    if QUALITY_VALUES in attrs:
+        return [float(v) for v in attrs[QUALITY_VALUES]], [int(s) for s in attrs.get(REPLICATE_SEEDS) or []]
+    quality = attrs.get(QUALITY)
+    if quality is None:
+        return [], []
+    train = attrs.get(TRAIN) if isinstance(attrs.get(TRAIN), dict) else {}
+    return [quality], ([int(train["seed"])] if train.get("seed") is not None else [])
 
 
 def read_records(study) -> list[TrialRecord]:
@@ -229,6 +249,15 @@ def record_training(trial, summary: dict, quality: float | None = None) -> None:
 
 def record_quality(trial, value: float) -> None:
     trial.set_user_attr(QUALITY, value)
+
+
+def record_replicates(trial, values: list[float], seeds: list[int], mean: float, se: float | None) -> None:
+    """The quality of a candidate trained once per seed: the mean (the figure the study optimises),
+    its standard error (None for one replicate), and each replicate's value with its seed."""
+    if len(values) != len(seeds) or not values:
+        raise ValueError(f"record_replicates: {len(values)} value(s) for {len(seeds)} seed(s)")
+    _set(trial, {QUALITY: float(mean), QUALITY_SE: None if se is None else float(se),
+                 QUALITY_VALUES: [float(v) for v in values], REPLICATE_SEEDS: [int(s) for s in seeds]})
 
 
 def record_failure(trial, reason: str) -> None:

@@ -46,6 +46,7 @@ training:                        # sqa_search.quality.train.TrainConfig fields, 
   budget_tokens: 200000
   seq_len: 128
   batch_size: 16
+  replicates: 1                  # seeds per candidate (seed, seed + 1, ...): quality = mean +- SE
 ```
 """
 
@@ -69,7 +70,8 @@ from ..speed.workload import SCOPES as WHATS
 from .objectives import KV_CACHE, LATENCY, MEMORY, Objective, quality_objective  # the target's `what` is the workload's scope
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype", "SEARCH_PARAMS",
-           "params_of", "Objective", "quality_objective", "LATENCY", "KV_CACHE", "MEMORY"]
+           "params_of", "Objective", "quality_objective", "LATENCY", "KV_CACHE", "MEMORY", "replicates_of",
+           "TRAINING_EXTRA", "train_config_from"]
 
 # The search parameters: what a sampler proposes and a trial's params hold, in this order, for both
 # backends and the efficiency benchmark.
@@ -516,13 +518,24 @@ def _read_constraints(c: _Reader) -> ConstraintSection:
     )
 
 
+# `training` keys that are not TrainConfig fields: how many seeds each candidate trains (its quality
+# is their mean, with a standard error; sqa_search.quality.replicates), seeds training.seed + i
+TRAINING_EXTRA = {"replicates": 1}
+
+
+def replicates_of(training: dict) -> int:
+    """How many replicate seeds a candidate trains (`training.replicates`, default 1)."""
+    return training.get("replicates", TRAINING_EXTRA["replicates"])
+
+
 def train_config_from(training: dict, quality: str = "val_loss", check_device: bool = True):
     """The `training` section -> a TrainConfig. The task defaults to what the quality objective
-    needs. check_device=False validates a GPU space on a machine without one."""
+    needs. check_device=False validates a GPU space on a machine without one. Keys that are not
+    TrainConfig fields (TRAINING_EXTRA) are left out."""
     from ..quality.mqar import MQARConfig  # quality/ imports torch: only when training is configured
     from ..quality.train import TrainConfig
 
-    fields = dict(training)
+    fields = {k: v for k, v in training.items() if k not in TRAINING_EXTRA}
     if isinstance(fields.get("mqar"), dict):
         fields["mqar"] = MQARConfig(**fields["mqar"])
     if "betas" in fields and isinstance(fields["betas"], list):
@@ -537,10 +550,14 @@ def _check_training(source: str, training: dict, quality: str) -> None:
     """Unknown training keys are errors too; values are checked by TrainConfig itself."""
     from ..quality.train import TrainConfig, TrainError  # torch: only when a space is validated
 
-    allowed = {f.name for f in dataclasses.fields(TrainConfig)}
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)} | set(TRAINING_EXTRA)
     unknown = sorted(set(training) - allowed)
     if unknown:
         raise SpaceError(f"{source}: unknown key(s) {unknown} in training: allowed are {sorted(allowed)}")
+    n = replicates_of(training)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise SpaceError(f"{source}: training.replicates={n!r} is not allowed: must be an integer >= 1 "
+                         "(seeds training.seed, training.seed + 1, ...)")
     try:
         config = train_config_from(training, quality, check_device=False)
     except (TrainError, TypeError, ValueError) as exc:
