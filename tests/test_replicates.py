@@ -94,7 +94,7 @@ def test_a_training_run_starts_from_the_paired_weights():
 
     spec = AttentionSpec.variant("sqa", 32, 4)
     config = TrainConfig(budget_steps=1, batch_size=2, seq_len=16, eval_batches=1, threads=1, task="mqar",
-                         mqar_batch_size=8, seed=2)
+                         mqar_batch_size=8, seed=2, paired_init=True)
     paired = train_spec(spec, {"n_layers": 1}, config, progress=False).mqar_loss_curve[0][1]
     model = paired_initialise(ProxyLM(ModelConfig(spec, n_layers=1, vocab_size=config.mqar.vocab_size)), 2)
     x, y = mqar_batch(config.mqar, 8, seed=config.batch_seed, step=0)

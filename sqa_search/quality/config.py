@@ -71,8 +71,10 @@ class TrainConfig:
     means 3 x ln(vocab), three times the loss of a uniform guess.
     ``paired_init``: initialise from ``seed`` so that candidates share their weights where shapes
     allow (`sqa_search.quality.paired_init`: a candidate's heads are a slice of one full-size
-    draw), which makes the difference between two candidates vary less from seed to seed than
-    their losses do; False keeps the plain ``torch.manual_seed(seed)`` initialisation.
+    draw). Off by default: measured at the quickstart's budget (benchmarks/2026-12-02-cpu-paired-seeds,
+    4 seeds) it did not shrink the seed-to-seed spread of the difference between two variants (the
+    shared data order already correlates them), and a study resumed across the switch would mix two
+    initialisations. False: the plain ``torch.manual_seed(seed)`` initialisation.
     """
 
     budget_tokens: int | None = None
@@ -100,7 +102,7 @@ class TrainConfig:
     threads: int | None = None
     deterministic: bool = True
     diverge_loss: float | None = None
-    paired_init: bool = True
+    paired_init: bool = False
 
     def __post_init__(self) -> None:
         self._check_budget()
