@@ -27,6 +27,8 @@ FAMILY = "family"
 KV_CACHE_BYTES = "kv_cache_bytes"
 N_PARAMS = "n_params"
 QUALITY = "quality"
+QUALITY_SE = "quality_se"
+QUALITY_VALUES = "quality_values"
 LATENCY_S = "latency_s"
 LATENCY_SOURCE = "latency_source"
 TIMING = "timing"
@@ -78,7 +80,9 @@ class TrialRecord:
     label: str | None = None
     variant: str | None = None
     family: str | None = None
-    quality: float | None = None
+    quality: float | None = None  # the mean over replicates when there are several
+    quality_se: float | None = None  # standard error of that mean; None with one replicate
+    quality_values: list[float] = field(default_factory=list)  # per replicate, in seed order
     latency_s: float | None = None  # summed over the target's sequence lengths
     latency_source: str | None = None  # the words stored with it ("measured on ...", "predicted for ...")
     latencies: list[Latency] = field(default_factory=list)  # one per sequence length
@@ -155,7 +159,9 @@ class TrialRecord:
         return cls(
             number=trial.number, state=state.name if state is not None else "RUNNING", values=tuple(values) if values else None,
             params=dict(trial.params), spec=spec, label=attrs.get(LABEL), variant=attrs.get(VARIANT),
-            family=attrs.get(FAMILY), quality=attrs.get(QUALITY), latency_s=attrs.get(LATENCY_S),
+            family=attrs.get(FAMILY), quality=attrs.get(QUALITY), quality_se=attrs.get(QUALITY_SE),
+            quality_values=attrs.get(QUALITY_VALUES) or ([attrs[QUALITY]] if attrs.get(QUALITY) is not None else []),
+            latency_s=attrs.get(LATENCY_S),
             latency_source=source, latencies=[_latency_from_stored(row, source, fp) for row in timing],
             timing_rows=[dict(row) for row in timing],
             fingerprint=fp, fingerprint_id=fp_id, kv_cache_bytes=attrs.get(KV_CACHE_BYTES),
