@@ -39,6 +39,7 @@ __all__ = [
     "dominates",
     "non_dominated_mask",
     "noise_aware_front",
+    "dominated_beyond_noise",
     "indistinct_groups",
     "group_names",
     "IQR_PER_SD",
@@ -191,6 +192,13 @@ def _noise_comparisons(points, noise, directions, z: float):
     return arr, finite, beats & both[:, :, None], within & both
 
 
+def dominated_beyond_noise(points, noise, directions=None, z: float = 2.0) -> np.ndarray:
+    """``table[i, j]``: row ``i`` dominates row ``j`` beyond noise (see `noise_aware_front`);
+    False wherever either row has a NaN/inf."""
+    _, _, beats, _ = _noise_comparisons(points, noise, directions, z)
+    return beats.any(axis=2) & ~beats.transpose(1, 0, 2).any(axis=2)
+
+
 def noise_aware_front(points, noise, directions=None, z: float = 2.0) -> np.ndarray:
     """Boolean mask of the rows no other row dominates beyond noise.
 
@@ -202,9 +210,8 @@ def noise_aware_front(points, noise, directions=None, z: float = 2.0) -> np.ndar
     front by it. Rows with NaN/inf are always False. Pairwise: meant for the hundreds of points a
     study has, not millions.
     """
-    arr, finite, beats, _ = _noise_comparisons(points, noise, directions, z)
-    dominated = (beats.any(axis=2) & ~beats.transpose(1, 0, 2).any(axis=2)).any(axis=0)
-    return finite & ~dominated
+    arr, finite = _oriented(points, directions)
+    return finite & ~dominated_beyond_noise(arr, noise, None, z).any(axis=0)
 
 
 def indistinct_groups(points, noise, directions=None, z: float = 2.0, among=None) -> list[np.ndarray]:
