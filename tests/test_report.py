@@ -97,7 +97,7 @@ def test_the_front_table_carries_the_noise_and_names_the_groups(noisy, tmp_path)
     assert not by.loc["MHA 8q/8kv", "beyond_noise"] and by.loc["MHA 8q/8kv", "beaten_by"] == "GQA 8q/2kv"
     assert by.beyond_noise.sum() == 3
     near = front.attrs["near_front"]
-    assert list(near.label) == ["MQA 8q/1kv"] and near.group.iloc[0] == by.loc["SQA 4q/2kv", "group"]
+    assert near == [{"label": "MQA 8q/1kv", "group": by.loc["SQA 4q/2kv", "group"]}]
     assert by.group.tolist() == ["A", "B", "C", "D", "E"]
     assert frame.set_index("label").latency_iqr_s.dropna().tolist() == pytest.approx([IQR] * 6)
 

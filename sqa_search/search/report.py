@@ -105,7 +105,8 @@ def _mark_noise(unique, objectives) -> None:
 def pareto_table(handle):
     """(all trials, Pareto set, hypervolume): the Pareto set with speedup and quality change
     against MHA and GQA where those were evaluated, and what noise makes of it (`_mark_noise`;
-    the points within noise of the front but not on it are in ``front.attrs["near_front"]``)."""
+    the points within noise of the front but not on it are listed, as {"label", "group"}, in
+    ``front.attrs["near_front"]``)."""
     frame = trials_frame(handle)
     done = frame[frame.state == "COMPLETE"].copy()
     if done.empty:
@@ -129,7 +130,8 @@ def pareto_table(handle):
         unique[f"speedup_vs_{base}"] = ref_row.latency_s / unique.latency_s
         unique[f"quality_change_vs_{base}_%"] = 100 * (unique.quality - ref_row.quality) / abs(ref_row.quality)
     front = unique[unique.pareto].sort_values("latency_s")
-    front.attrs["near_front"] = unique[~unique.pareto & unique.beyond_noise].sort_values("latency_s")
+    near = unique[~unique.pareto & unique.beyond_noise].sort_values("latency_s")
+    front.attrs["near_front"] = [{"label": r.label, "group": r.group} for r in near.itertuples()]
     return frame, front, hv
 
 
@@ -179,11 +181,9 @@ def noise_lines(front) -> list[str]:
     """What noise makes of the exact front, in words, for report.md."""
     if front.empty:
         return []
-    import pandas as pd  # loaded already: the front is a DataFrame
-
-    near = front.attrs.get("near_front")
-    members = pd.concat([front, near]) if near is not None and not near.empty else front
-    sizes = members.group.value_counts()
+    near = front.attrs.get("near_front") or []
+    groups = list(front.group) + [r["group"] for r in near]
+    sizes = {g: groups.count(g) for g in groups}
     separated = front[front.beyond_noise & front.group.map(sizes).eq(1)]
     lines = [f"Of the exact front's {len(front)} points, {len(separated)} are separated beyond noise from every "
              f"other point (a difference counts when it exceeds {NOISE_Z:g} x the combined noise: a loss's "
@@ -191,12 +191,13 @@ def noise_lines(front) -> list[str]:
     for r in front[~front.beyond_noise].itertuples():
         lines.append(f"- {r.label} is on the exact front only by differences within noise: {r.beaten_by} "
                      f"beats it beyond noise.")
-    for name, rows in members.groupby("group", sort=True):
-        if len(rows) > 1:
-            lines.append(f"- Group {name} cannot be told apart: {', '.join(rows.label)}.")
-    if near is not None and not near.empty:
+    for name in sorted(g for g in sizes if sizes[g] > 1):
+        labels = [r.label for r in front.itertuples() if r.group == name] + [r["label"] for r in near
+                                                                             if r["group"] == name]
+        lines.append(f"- Group {name} cannot be told apart: {', '.join(labels)}.")
+    if near:
         lines.append("- Within noise of the front, though not on it: "
-                     + ", ".join(f"{r.label} (group {r.group})" for r in near.itertuples()) + ".")
+                     + ", ".join(f"{r['label']} (group {r['group']})" for r in near) + ".")
     if front.quality_se.isna().any():
         lines.append(f"- {int(front.quality_se.isna().sum())} front point(s) have one seed: their loss has no "
                      f"uncertainty estimate (training.replicates gives it one).")
@@ -227,10 +228,10 @@ def point_names(front) -> dict:
     with another point (they cannot be told apart), else its label alone."""
     if front.empty or "group" not in front:
         return {}
-    near = front.attrs.get("near_front")
-    rows = list(front.itertuples()) + (list(near.itertuples()) if near is not None else [])
-    groups = [r.group for r in rows]
-    return {r.label: f"{r.label} ({r.group})" if groups.count(r.group) > 1 else r.label for r in rows}
+    rows = [(r.label, r.group) for r in front.itertuples()] + [(r["label"], r["group"])
+                                                               for r in front.attrs.get("near_front") or []]
+    groups = [group for _, group in rows]
+    return {label: f"{label} ({group})" if groups.count(group) > 1 else label for label, group in rows}
 
 
 def _front_title(handle) -> tuple[str, str]:
