@@ -1,6 +1,7 @@
 """`recommend`'s last two stages: rank the candidates (the loss tolerance, the budgets, ties), then
 say why in words. Decode is ranked by KV-cache size (one token's step reads the whole cache);
-everything else by latency, then loss, then KV cache.
+everything else by latency, then loss, then KV cache. A choice that leads a runner-up in nothing
+beyond noise (the report's rule: loss standard errors, timing IQRs) is tied with it, and says so.
 """
 
 from __future__ import annotations

@@ -4,6 +4,12 @@ and `sqa-search run` writes them at the end of a study (cli/run.py).
 
 The objectives come from the search space (`SearchSpace.front_objectives`), and every trial's
 figures from its `TrialRecord`: a new objective needs no change here.
+
+Every figure comes with its noise: a loss with its standard error over seeds (or "1 seed, no SE"),
+a measured latency with its IQR. The front is the exact Pareto front (hypervolume is computed on
+it), and each of its points says whether it stands beyond noise (pareto.noise_aware_front) and
+which group of points it cannot be told apart from (pareto.indistinct_groups); the plots draw the
+noise as error bars.
 """
 
 from __future__ import annotations
