@@ -29,8 +29,9 @@ def space_file(tmp_path, base: dict, name="tiny", **changes):
 
 def fake_study(tmp_path, rows, fingerprint, *, name="fake", seq_len=128, d_model=64, n_heads=8,
                fingerprint_id="f00d", train=None, failed_reason=None):
-    """rows: (spec, quality, latency_s). A study folder `open_study` reads, with trials written
-    straight into Optuna (milliseconds); `failed_reason` adds one FAIL trial with that reason."""
+    """rows: (spec, quality, latency_s), or with a 4th item, attributes that replace or add to the
+    ones written. A study folder `open_study` reads, with trials written straight into Optuna
+    (milliseconds); `failed_reason` adds one FAIL trial with that reason."""
     data = {"name": name, "model": {"d_model": d_model, "n_heads": n_heads, "n_layers": 2},
             "target": {"seq_len": seq_len, "mode": "prefill"},
             "search": {"n_q_heads": [1, 2, 4, 8], "n_kv_heads": [1, 2, 4, 8]},
@@ -42,14 +43,14 @@ def fake_study(tmp_path, rows, fingerprint, *, name="fake", seq_len=128, d_model
     storage = f"sqlite:///{(folder / 'study.db').resolve()}"
     (folder / "study.json").write_text(json.dumps({"name": name, "storage": storage, "space_fingerprint": "x"}))
     study = optuna.create_study(study_name=name, storage=storage, directions=["minimize", "minimize"])
-    for spec, quality, latency in rows:
+    for spec, quality, latency, *extra in rows:
         attrs = {"spec": spec.to_dict(), "label": spec.label, "variant": spec.variant_name, "family": spec.family,
                  "latency_s": latency, "latency_source": f"measured on {fingerprint['device_name']}",
                  "quality": quality, "kv_cache_bytes": space.kv_cache_bytes(spec), "fingerprint": fingerprint,
                  "spec_key": json.dumps(spec.to_dict(), sort_keys=True),
                  "timing": [{"seq_len": seq_len, "median_s": latency, "backend": "sdpa/flash", "flags": [],
                              "fingerprint_id": fingerprint_id}],
-                 "train": train or {"steps": 10, "tokens": 1000}}
+                 "train": train or {"steps": 10, "tokens": 1000}, **(extra[0] if extra else {})}
         study.add_trial(optuna.trial.create_trial(values=[quality, latency], user_attrs=attrs))
     if failed_reason:
         study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,

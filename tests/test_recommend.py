@@ -268,3 +268,78 @@ def test_another_objective_of_a_study_gets_a_column(tmp_path, monkeypatch):
 
     readme = export_recommendation(rec, tmp_path / "e").readme_path.read_text()
     assert "| peak_memory_bytes | 3000 B | study 'fake' trial 2 |" in readme
+
+
+# ----- ties within noise ----------------------------------------------------------------------------
+IQR = 1.7e-3  # the timing IQR of the issue's quickstart
+
+
+def _noisy(loss, sd, latency, n=4):
+    """Extra trial attributes: `n` seeds with sample standard deviation `sd` (None: one seed), and a
+    timing with the quickstart's IQR."""
+    spread = [-1.5, -0.5, 0.5, 1.5]
+    scale = (sum(x * x for x in spread) / 3) ** 0.5
+    seeds = [loss] if sd is None else [loss + sd * x / scale for x in spread[:n]]
+    return {"quality_se": None if sd is None else sd / n ** 0.5, "quality_values": seeds,
+            "timing": [{"seq_len": 128, "median_s": latency, "iqr_s": IQR, "raw_median_s": latency,
+                        "backend": "sdpa/flash", "flags": [], "fingerprint_id": "f00d"}]}
+
+
+def _tie_rows(ssqa_loss, sd=0.01):
+    spec = lambda v: AttentionSpec.variant(v, 64, 8)  # noqa: E731
+    return [(spec(v), loss, lat, _noisy(loss, s, lat)) for v, loss, s, lat in
+            [("mha", 2.300, sd, 0.0600), ("gqa", 2.305, sd, 0.0550), ("sqa", 2.330, sd, 0.04774),
+             ("ssqa", ssqa_loss, sd, 0.04770)]]
+
+
+def test_a_pick_tied_within_noise_says_so_and_how_many_seeds_would_separate(tmp_path, capsys):
+    """The issue's case: sSQA 4q/4kv is 0.04 ms faster than SQA 4q/2kv with a 1.7 ms timing IQR,
+    and their losses are 0.003 apart with a per-seed spread of 0.01 (4 seeds each)."""
+    folder = fake_study(tmp_path, _tie_rows(2.333), _here(), name="tie")
+    rec = recommend("local", study=folder, device="cpu", tolerance="2%")
+    assert rec.speed_source == "measured" and rec.choice.label == "sSQA 4q/4kv"
+    assert [t["label"] for t in rec.tied_with] == ["SQA 4q/2kv"]
+    tie = rec.tied_with[0]
+    assert tie["within_noise"] == ["latency", "loss"] and tie["better_beyond_noise"] == "KV cache"
+    assert tie["latency_difference_s"] == pytest.approx(0.04e-3)
+    assert tie["loss_threshold"] == pytest.approx(2 * (2 * 0.005 ** 2) ** 0.5)  # 2 combined SE
+    # n = ceil(2 (z s / d)^2) = ceil(2 (2 * 0.01 / 0.003)^2) = ceil(88.9)
+    assert tie["seeds_needed"] == 89
+    assert "Within noise it is tied with SQA 4q/2kv (trial 2)" in rec.why
+    assert "within 2 combined standard errors" in rec.why and "About 89 seeds per candidate (they have 4 and 4)" in rec.why
+    assert "an estimate" in rec.why and "SQA 4q/2kv has the smaller KV cache" in rec.why
+    assert "within the timings' noise (IQR 1.700 ms)" in rec.why
+    assert "2.3330 ± 0.005" in rec.table() and "(IQR 1.700 ms)" in rec.table()
+    # GQA and MHA are slower beyond the timings' noise: no tie with them
+    assert _cli(["--study", str(folder), "--hardware", "local", "--device", "cpu", "--tolerance", "2%",
+                 "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [t["label"] for t in data["tied_with"]] == ["SQA 4q/2kv"] and data["tied_with"][0]["seeds_needed"] == 89
+    assert data["choice"]["loss_se"] == pytest.approx(0.005) and data["choice"]["latency_iqr_s"] == IQR
+
+
+def test_equal_losses_cannot_be_separated_by_seeds(tmp_path):
+    folder = fake_study(tmp_path, _tie_rows(2.330), _here(), name="equal")
+    rec = recommend("local", study=folder, device="cpu", tolerance="2%")
+    assert rec.tied_with[0]["seeds_needed"] is None
+    assert "cannot be separated by seeds alone" in rec.why
+
+
+def test_one_seed_has_no_uncertainty_estimate(tmp_path):
+    folder = fake_study(tmp_path, _tie_rows(2.333, sd=None), _here(), name="oneseed")
+    rec = recommend("local", study=folder, device="cpu", tolerance="2%")
+    tie = rec.tied_with[0]
+    assert tie["label"] == "SQA 4q/2kv" and tie["loss_threshold"] is None and tie["seeds_needed"] is None
+    assert "The loss has no uncertainty estimate (one seed)" in rec.why and "training.replicates" in rec.why
+    assert any("one seed each" in n and "training.replicates" in n for n in rec.notes)
+
+
+def test_a_pick_ahead_beyond_noise_is_not_tied(tmp_path, capsys):
+    rows = _tie_rows(2.333)[:3]  # without sSQA: SQA is 7 ms faster than GQA, far beyond a 1.7 ms IQR
+    folder = fake_study(tmp_path, rows, _here(), name="clear")
+    rec = recommend("local", study=folder, device="cpu", tolerance="2%")
+    assert rec.choice.label == "SQA 4q/2kv" and rec.tied_with == []
+    assert "tied" not in rec.why and not any("one seed each" in n for n in rec.notes)
+    # without a study (predicted speed, prior loss) nothing is tied and no seed note is added
+    prior = recommend("h100", seq_len=32768, mode="train", tolerance="1%")
+    assert prior.tied_with == [] and not any("training.replicates" in n for n in prior.notes)

@@ -42,6 +42,22 @@ class CandidateRow:
         return self.record.number if self.record else None
 
     @property
+    def loss_se(self) -> float | None:
+        """The standard error of the loss (a mean over seeds); None with one seed or from the prior."""
+        return self.record.quality_se if self.record and self.loss is not None else None
+
+    @property
+    def loss_values(self) -> list[float]:
+        """The loss of each seed (one entry with one seed; none from the prior)."""
+        return list(self.record.quality_values) if self.record and self.loss is not None else []
+
+    def latency_iqr_s(self, seq_len: int) -> float | None:
+        """The interquartile range of the study's timing at `seq_len` (None: predicted, or not stored)."""
+        if self.record is None:
+            return None
+        return next((lat.spread_s for lat in self.record.latencies if lat.seq_len == seq_len and lat.measured), None)
+
+    @property
     def fingerprint(self) -> Fingerprint | None:
         return self.record.fingerprint if self.record else None
 

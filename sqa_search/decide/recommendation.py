@@ -14,6 +14,13 @@ def fmt_pct(x) -> str:
     return "-" if x is None else f"{x:+.2f}%"
 
 
+def fmt_loss(loss, se) -> str:
+    """A loss with its standard error over seeds when it has one."""
+    if loss is None:
+        return "-"
+    return f"{loss:.4f}" if se is None else f"{loss:.4f} ± {se:.2g}"
+
+
 def render_table(headers, rows) -> str:
     widths = [max([len(str(h))] + [len(str(r[i])) for r in rows]) for i, h in enumerate(headers)]
     lines = ["  ".join(str(h).ljust(w) for h, w in zip(headers, widths)).rstrip(),
@@ -48,6 +55,10 @@ class Candidate:
     reasons: list = field(default_factory=list)  # why it was left out (empty when eligible)
     # the study's objectives the table has no column of its own for (ObjectiveFigure), one column each
     other_objectives: list = field(default_factory=list)
+    loss_se: float | None = None  # standard error of the loss over seeds (None: one seed, or a prior)
+    loss_values: list = field(default_factory=list)  # the loss of each seed
+    latency_iqr_s: float | None = None  # interquartile range of the measured timing (None: predicted)
+    tied_with: list = field(default_factory=list)  # the choice only: runners-up it cannot be told from (Tie.to_dict)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -95,7 +106,13 @@ class Recommendation:
         data["choice"] = self.choice.to_dict()
         data["alternatives"] = [c.to_dict() for c in self.alternatives]
         data["candidates"] = [c.to_dict() for c in self.candidates]
+        data["tied_with"] = list(self.choice.tied_with)
         return data
+
+    @property
+    def tied_with(self) -> list:
+        """The eligible runners-up the choice cannot be told from within noise (`ranking.Tie` as dicts)."""
+        return self.choice.tied_with
 
     def render(self) -> str:
         speed = ("MEASURED" if self.speed_source == "measured" else "PREDICTED by the cost model")
@@ -136,9 +153,9 @@ class Recommendation:
             speed_tag = "measured" if c.latency_measured else "predicted"
             formatted = {f.name: f.formatted for f in c.other_objectives}
             row = [mark, c.label] + ([("-" if c.trial is None else c.trial)] if with_trial else []) + [
-                "-" if c.loss is None else f"{c.loss:.4f}", fmt_pct(c.loss_change_vs_mha_pct),
+                fmt_loss(c.loss, c.loss_se), fmt_pct(c.loss_change_vs_mha_pct),
                 fmt_x(c.speedup_vs_mha), fmt_x(c.speedup_vs_gqa), fmt_bytes(c.kv_cache_bytes),
-                fmt_s(c.latency_s)] + [formatted.get(name, "-") for name in others] + [
+                fmt_s(c.latency_s) + (f" (IQR {fmt_s(c.latency_iqr_s)})" if c.latency_iqr_s is not None else "")] + [formatted.get(name, "-") for name in others] + [
                 f"loss:{loss_tag} speed:{speed_tag}", c.status]
             rows.append(row)
         return render_table(headers, rows)

@@ -4,6 +4,12 @@ and `sqa-search run` writes them at the end of a study (cli/run.py).
 
 The objectives come from the search space (`SearchSpace.front_objectives`), and every trial's
 figures from its `TrialRecord`: a new objective needs no change here.
+
+Every figure comes with its noise: a loss with its standard error over seeds (or "1 seed, no SE"),
+a measured latency with its IQR. The front is the exact Pareto front (hypervolume is computed on
+it), and each of its points says whether it stands beyond noise (pareto.noise_aware_front) and
+which group of points it cannot be told apart from (pareto.indistinct_groups); the plots draw the
+noise as error bars.
 """
 
 from __future__ import annotations
@@ -13,13 +19,29 @@ from pathlib import Path
 import numpy as np
 
 from .._figures import fit_text, save
-from .pareto import hypervolume_history, non_dominated_mask, reference_point
+from .._format import fmt_s
+from .pareto import (IQR_PER_SD, dominated_beyond_noise, group_names, hypervolume_history, indistinct_groups,
+                     non_dominated_mask, reference_point)
 from .recovery import INTERRUPTED, is_interrupted
 from .records import TrialRecord, from_trial
 from .space import SEARCH_PARAMS
 
 __all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "front_figure",
-           "front_plotly_figure", "hypervolume_figure", "FRONT_COLOUR"]
+           "front_plotly_figure", "hypervolume_figure", "FRONT_COLOUR", "NOISE_Z", "latency_iqr_s",
+           "objective_noise", "noise_lines"]
+
+# How many combined noise scales apart two figures must be to count as different (pareto.py's z).
+NOISE_Z = 2.0
+
+
+def latency_iqr_s(record: TrialRecord) -> float | None:
+    """The interquartile range of a trial's summed latency: the root of the sum of squares of each
+    sequence length's IQR (the lengths are timed independently). None when the latency is predicted
+    or no length has an IQR (an old record, or one timing repeat)."""
+    spreads = [lat.spread_s for lat in record.latencies if lat.measured and lat.spread_s is not None]
+    if not spreads:
+        return None
+    return float(np.sqrt(np.sum(np.square(spreads))))
 
 
 def _trial_row(handle, trial, record: TrialRecord) -> dict:
@@ -27,7 +49,8 @@ def _trial_row(handle, trial, record: TrialRecord) -> dict:
         "trial": record.number, "state": record.state, "label": record.label,
         "variant": record.variant, "family": record.family,
         **{name: record.params.get(name) for name in SEARCH_PARAMS},
-        "quality": record.quality, "latency_s": record.latency_s,
+        "quality": record.quality, "quality_se": record.quality_se, "quality_n": len(record.quality_values),
+        "latency_s": record.latency_s, "latency_iqr_s": latency_iqr_s(record),
         "kv_cache_bytes": record.kv_cache_bytes, "n_params": record.n_params,
         "val_loss": record.train_value("val_loss"), "mqar_accuracy": record.train_value("mqar_accuracy"),
         "train_wall_s": record.train_value("wall_s"), "tokens_per_s": record.train_value("tokens_per_s"),
@@ -51,9 +74,45 @@ def trials_frame(handle):
     return frame
 
 
+def objective_noise(objective, table) -> np.ndarray:
+    """One objective's noise scale for each row of a trials table (pareto.py's ``s``): a loss's
+    standard error, a latency's IQR / 1.349 (the standard deviation of normal repeats with that
+    IQR), 0 where there is no estimate (one seed, a prediction) and for other objectives."""
+    if objective.column == "quality":
+        return table.quality_se.astype(float).fillna(0.0).to_numpy()
+    if objective.column == "latency_s":
+        return (table.latency_iqr_s.astype(float) / IQR_PER_SD).fillna(0.0).to_numpy()
+    return np.zeros(len(table))
+
+
+def _mark_noise(unique, objectives) -> None:
+    """Columns of the distinct trials: beyond_noise (no other dominates it beyond noise), group (the
+    letter shared by front points that cannot be told apart, named in order of latency) and
+    beaten_by (the label of one that dominates it beyond noise)."""
+    points = unique[[o.column for o in objectives]].to_numpy(dtype=float)
+    noise = np.column_stack([objective_noise(o, unique) for o in objectives])
+    dirs = [o.direction for o in objectives]
+    beaten = dominated_beyond_noise(points, noise, dirs, NOISE_Z)
+    finite = np.isfinite(points).all(axis=1)
+    unique["beyond_noise"] = finite & ~beaten.any(axis=0)
+    labels = unique.label.to_numpy()
+    unique["beaten_by"] = [labels[np.flatnonzero(beaten[:, j])[0]] if beaten[:, j].any() else None
+                           for j in range(len(unique))]
+    among = (unique.pareto | unique.beyond_noise).to_numpy()
+    groups = indistinct_groups(points, noise, dirs, NOISE_Z, among=among)
+    latency = unique.latency_s.to_numpy(dtype=float)
+    groups.sort(key=lambda g: (np.nanmin(latency[g]) if np.isfinite(latency[g]).any() else np.inf, g[0]))
+    group = np.full(len(unique), None, dtype=object)
+    for name, members in zip(group_names(len(groups)), groups):
+        group[members] = name
+    unique["group"] = group
+
+
 def pareto_table(handle):
     """(all trials, Pareto set, hypervolume): the Pareto set with speedup and quality change
-    against MHA and GQA where those were evaluated."""
+    against MHA and GQA where those were evaluated, and what noise makes of it (`_mark_noise`;
+    the points within noise of the front but not on it are listed, as {"label", "group"}, in
+    ``front.attrs["near_front"]``)."""
     frame = trials_frame(handle)
     done = frame[frame.state == "COMPLETE"].copy()
     if done.empty:
@@ -64,6 +123,7 @@ def pareto_table(handle):
     unique = done.drop_duplicates(subset=["label"]).copy()
     points = unique[cols].to_numpy(dtype=float)
     unique["pareto"] = non_dominated_mask(points, dirs)
+    _mark_noise(unique, objectives)
     ref = reference_point(points, dirs)
     hv = float(hypervolume_history(points, ref, dirs)[-1]) if len(points) else float("nan")
     for base in ("mha", "gqa"):
@@ -76,21 +136,108 @@ def pareto_table(handle):
         unique[f"speedup_vs_{base}"] = ref_row.latency_s / unique.latency_s
         unique[f"quality_change_vs_{base}_%"] = 100 * (unique.quality - ref_row.quality) / abs(ref_row.quality)
     front = unique[unique.pareto].sort_values("latency_s")
+    near = unique[~unique.pareto & unique.beyond_noise].sort_values("latency_s")
+    front.attrs["near_front"] = [{"label": r.label, "group": r.group} for r in near.itertuples()]
     return frame, front, hv
 
 
-def front_columns(front, space=None):
-    """The front's table as `run`, `show` and report.md print it; a declared objective without a
-    place in the usual columns is shown before the latency source."""
+def fmt_quality(value, se, n) -> str:
+    """A quality figure with its uncertainty: "2.3560 ± 0.02 (SE, 4 seeds)" or "2.3560 (1 seed, no SE)"."""
+    if value is None or value != value:
+        return "-"
+    if se is None or se != se:
+        return f"{value:.4f} ({'1 seed' if (n or 1) <= 1 else f'{int(n)} seeds'}, no SE)"
+    return f"{value:.4f} ± {se:.2g} (SE, {int(n)} seeds)"
+
+
+def fmt_latency(value, iqr, source) -> str:
+    """A latency with its spread: "47.70 ms, IQR 1.700 ms"; a prediction says so instead."""
+    if value is None or value != value:
+        return "-"
+    if iqr is not None and iqr == iqr:
+        return f"{fmt_s(value)}, IQR {fmt_s(iqr)}"
+    return f"{fmt_s(value)} ({'predicted' if str(source or '').startswith('predicted') else 'no IQR'})"
+
+
+def front_columns(front, space=None, *, formatted: bool = True):
+    """The front's table as `run`, `show` and report.md print it (``formatted``: quality and
+    latency as text with their uncertainty, the group that cannot be told apart and whether the
+    point stands beyond noise), or as pareto.csv stores it (numbers, with quality_se, quality_n,
+    latency_iqr_s, group, beyond_noise and beaten_by). A declared objective without a place in the
+    usual columns is shown before the latency source."""
     keep = ["trial", "label", "quality", "latency_s", "speedup_vs_mha", "quality_change_vs_mha_%",
             "speedup_vs_gqa", "quality_change_vs_gqa_%", "kv_cache_bytes", "latency_source"]
     if space is not None:
         keep[-1:-1] = [o.column for o in space.declared_objectives() if o.column not in keep]
-    return front[[c for c in keep if c in front.columns]]
+    if not formatted:
+        keep[4:4] = ["quality_se", "quality_n", "latency_iqr_s", "group", "beyond_noise", "beaten_by"]
+        return front[[c for c in keep if c in front.columns]]
+    table = front[[c for c in keep if c in front.columns]].copy()
+    if front.empty:
+        return table
+    table["quality"] = [fmt_quality(r.quality, r.quality_se, r.quality_n) for r in front.itertuples()]
+    table["latency_s"] = [fmt_latency(r.latency_s, r.latency_iqr_s, r.latency_source) for r in front.itertuples()]
+    table.insert(4, "group", front.group)
+    table.insert(5, "beyond noise", ["yes" if r.beyond_noise else f"no: {r.beaten_by} beats it"
+                                     for r in front.itertuples()])
+    return table.rename(columns={"quality": "quality (± SE)", "latency_s": "latency (IQR)"})
+
+
+def noise_lines(front) -> list[str]:
+    """What noise makes of the exact front, in words, for report.md."""
+    if front.empty:
+        return []
+    near = front.attrs.get("near_front") or []
+    groups = list(front.group) + [r["group"] for r in near]
+    sizes = {g: groups.count(g) for g in groups}
+    separated = front[front.beyond_noise & front.group.map(sizes).eq(1)]
+    lines = [f"Of the exact front's {len(front)} points, {len(separated)} are separated beyond noise from every "
+             f"other point (a difference counts when it exceeds {NOISE_Z:g} x the combined noise: a loss's "
+             f"standard error over seeds, a latency's IQR / {IQR_PER_SD})."]
+    for r in front[~front.beyond_noise].itertuples():
+        lines.append(f"- {r.label} is on the exact front only by differences within noise: {r.beaten_by} "
+                     f"beats it beyond noise.")
+    for name in sorted(g for g in sizes if sizes[g] > 1):
+        labels = [r.label for r in front.itertuples() if r.group == name] + [r["label"] for r in near
+                                                                             if r["group"] == name]
+        lines.append(f"- Group {name} cannot be told apart: {', '.join(labels)}.")
+    if near:
+        lines.append("- Within noise of the front, though not on it: "
+                     + ", ".join(f"{r['label']} (group {r['group']})" for r in near) + ".")
+    if front.quality_se.isna().any():
+        lines.append(f"- {int(front.quality_se.isna().sum())} front point(s) have one seed: their loss has no "
+                     f"uncertainty estimate (training.replicates gives it one).")
+    return lines
 
 
 # The front's colour in both plots; nothing else in them is this red, so a test can find the front.
 FRONT_COLOUR = "#d62728"
+
+
+# What the plots' error bars span, in their legend and axis title.
+ERROR_BARS = f"bars: quality ±{NOISE_Z:g} SE, latency IQR"
+
+
+def error_bars(objective, table) -> np.ndarray:
+    """Half-widths of one objective's error bars for each row: ±2 standard errors for quality (what
+    the front's separation uses), half the interquartile range either side for latency (the bar
+    spans the IQR), 0 where there is no estimate."""
+    if objective.column == "quality":
+        return NOISE_Z * table.quality_se.astype(float).fillna(0.0).to_numpy()
+    if objective.column == "latency_s":
+        return (table.latency_iqr_s.astype(float) / 2).fillna(0.0).to_numpy()
+    return np.zeros(len(table))
+
+
+def point_names(front) -> dict:
+    """label -> how the plots name a front point: with its group's letter when it shares the group
+    with another point (they cannot be told apart), else its label alone."""
+    if front.empty or "group" not in front:
+        return {}
+    rows = [(r.label, r.group) for r in front.itertuples()] + [(r["label"], r["group"])
+                                                               for r in front.attrs.get("near_front") or []]
+    groups = [group for _, group in rows]
+    return {label: f"{label} ({group})" if groups.count(group) > 1 else label for label, group in rows}
 
 
 def _front_title(handle) -> tuple[str, str]:
@@ -118,11 +265,21 @@ def front_figure(handle, frame, front):
     subject, source = _front_title(handle)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     y, x = (o.column for o in _plotted(handle.space))
-    ax.scatter(done[x], done[y], c="#bbbbbb", label="trials", zorder=2)
-    ax.plot(front[x], front[y], "-o", c=FRONT_COLOUR, label="Pareto front", zorder=3)
+    y_obj, x_obj = _plotted(handle.space)
+    ax.errorbar(done[x], done[y], xerr=error_bars(x_obj, done), yerr=error_bars(y_obj, done), fmt="o",
+                c="#bbbbbb", ecolor="#cccccc", elinewidth=1, label="trials", zorder=2)
+    ax.errorbar(front[x], front[y], xerr=error_bars(x_obj, front), yerr=error_bars(y_obj, front), fmt="-o",
+                c=FRONT_COLOUR, ecolor=FRONT_COLOUR, elinewidth=1, capsize=2, zorder=3,
+                label=f"Pareto front ({ERROR_BARS})")
+    if "beyond_noise" in front and not front.beyond_noise.all():
+        beaten = front[~front.beyond_noise.astype(bool)]
+        ax.scatter(beaten[x], beaten[y], facecolors="white", edgecolors=FRONT_COLOUR, zorder=4,
+                   label="on the exact front by noise only")
+    names = point_names(front)
     for _, row in done.drop_duplicates("label").iterrows():
         if row.variant:
-            ax.annotate(row.label, (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            ax.annotate(names.get(row.label, row.label), (row[x], row[y]), textcoords="offset points",
+                        xytext=(4, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(f"latency per step, s ({source})")
     ax.set_ylabel(_plotted(handle.space)[0].name)
@@ -141,14 +298,28 @@ def front_plotly_figure(handle, frame, front):
     subject, source = _front_title(handle)
     figure = go.Figure()
     y, x = (o.column for o in _plotted(handle.space))
+    y_obj, x_obj = _plotted(handle.space)
+
+    def bars(objective, rows, colour):
+        return dict(type="data", array=list(error_bars(objective, rows)), visible=True, color=colour, thickness=1)
+
+    names = point_names(front)
     figure.add_trace(go.Scatter(x=done[x], y=done[y], mode="markers", name="trials",
-                                text=done.label, marker=dict(color="#999999")))
+                                text=done.label, marker=dict(color="#999999"),
+                                error_x=bars(x_obj, done, "#cccccc"), error_y=bars(y_obj, done, "#cccccc")))
     figure.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines+markers+text", name="Pareto front",
-                                text=front.label, textposition="top center", cliponaxis=False,  # edge labels whole
-                                line=dict(color=FRONT_COLOUR), marker=dict(color=FRONT_COLOUR)))
+                                text=[names.get(label, label) for label in front.label], textposition="top center",
+                                cliponaxis=False,  # edge labels whole
+                                hovertext=[f"{r.label}: {fmt_quality(r.quality, r.quality_se, r.quality_n)}, "
+                                           f"{fmt_latency(r.latency_s, r.latency_iqr_s, r.latency_source)}"
+                                           for r in front.itertuples()],
+                                line=dict(color=FRONT_COLOUR),
+                                marker=dict(color=FRONT_COLOUR, symbol=[  # open: on the front by noise only
+                                    "circle" if r.beyond_noise else "circle-open" for r in front.itertuples()]),
+                                error_x=bars(x_obj, front, FRONT_COLOUR), error_y=bars(y_obj, front, FRONT_COLOUR)))
     # the study's name and what is plotted on two lines: a long name still fits a laptop's window
     figure.update_layout(title=dict(text=handle.space.name, subtitle=dict(text=subject)),
-                         xaxis_title=f"latency s ({source})", yaxis_title=_plotted(handle.space)[0].name,
+                         xaxis_title=f"latency s ({source}); {ERROR_BARS}", yaxis_title=_plotted(handle.space)[0].name,
                          xaxis_type="log")
     return figure
 
@@ -214,7 +385,7 @@ def write_report(handle, out: Path | None = None) -> dict:
     except ImportError:
         pass
     if not front.empty:
-        front_columns(front, handle.space).to_csv(out / "pareto.csv", index=False)
+        front_columns(front, handle.space, formatted=False).to_csv(out / "pareto.csv", index=False)
         written["plots"] = _plot_front(handle, frame, front, out)
         hv_plot = _plot_hypervolume(handle, frame, out)
         if hv_plot:
@@ -236,6 +407,7 @@ def write_report(handle, out: Path | None = None) -> dict:
         front_columns(front, space).to_markdown(index=False, floatfmt=".4g") if not front.empty else "(no complete trial)",
         "",
     ]
+    lines += noise_lines(front) + ([""] if not front.empty else [])
     if not front.empty:
         lines += ["![Pareto front](pareto.png)", "", "![Hypervolume history](hypervolume.png)", ""]
     if len(failed):
