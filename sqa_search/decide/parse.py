@@ -43,14 +43,18 @@ def parse_fraction(text, what: str = "tolerance") -> float:
 _UNITS = {"s": 1.0, "sec": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6}
 
 
+def _scaled(text, pattern: str, units: dict, default_unit: str) -> float:
+    """A number followed by an optional unit, scaled by the unit; NaN when it does not parse."""
+    m = re.fullmatch(pattern, str(text).strip().lower())
+    try:
+        return float(m.group(1)) * units[m.group(2) or default_unit] if m else float("nan")
+    except ValueError:
+        return float("nan")
+
+
 def parse_seconds(text, what: str = "latency") -> float:
     """'0.01', '10ms', '250 us' -> seconds. Raises ExportError."""
-    raw = str(text).strip().lower()
-    m = re.fullmatch(r"([0-9.eE+-]+)\s*(s|sec|ms|us|µs)?", raw)
-    try:
-        value = float(m.group(1)) * _UNITS[m.group(2) or "s"] if m else float("nan")
-    except ValueError:
-        value = float("nan")
+    value = _scaled(text, r"([0-9.eE+-]+)\s*(s|sec|ms|us|µs)?", _UNITS, "s")
     if not math.isfinite(value) or value <= 0:
         raise ExportError(f"{what} {text!r} cannot be parsed: give seconds > 0, e.g. 0.01, 10ms or 250us")
     return value
@@ -146,11 +150,7 @@ def parse_bytes(text, what: str = "--max-kv-cache") -> int:
     if isinstance(text, int) and not isinstance(text, bool):
         value = float(text)
     else:
-        m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kmgt]i?b|b)?\s*", str(text).lower())
-        try:
-            value = float(m.group(1)) * _BYTE_UNITS[m.group(2) or ""] if m else float("nan")
-        except ValueError:
-            value = float("nan")
+        value = _scaled(text, r"([0-9.eE+]+)\s*([kmgt]i?b|b)?", _BYTE_UNITS, "")
     if not math.isfinite(value) or value <= 0:
         raise RecommendError(f"{what} {text!r} cannot be parsed: give bytes > 0, e.g. 1073741824, 1GiB or 512MB")
     return int(value)
