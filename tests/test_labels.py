@@ -116,3 +116,13 @@ def test_raw_timings_say_raw(tmp_path, capsys):
     readme = (out / "README.md").read_text()
     assert "Latency figures are measured-raw" in readme and f"measured on {name}, raw |" in readme
     assert json.loads((out / "config.json").read_text())["figures"]["latency_kind"] == "measured-raw"
+
+
+def test_a_latency_budget_says_which_seconds_it_was_held_to(tmp_path):
+    """max_latency_s is compared with the study's latency figure: the prune reason says it was
+    measured-corrected seconds (on a CPU), not the clock's raw ones."""
+    handle, _ = _study(tmp_path, "budget", study={"sampler": "random", "seed": 0, "trials": 1, "mode": "constrained"},
+                       constraints={"kv_divides_q": True, "max_latency_s": 1e-9})
+    reasons = [t.user_attrs.get("prune_reason") or "" for t in handle.study.trials]
+    over = [r for r in reasons if r.startswith("latency ")]
+    assert over and all(", speed-corrected) > max_latency_s 1e-09 s" in r for r in over), reasons

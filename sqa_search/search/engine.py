@@ -127,7 +127,7 @@ class TrialObjective:
             if self.space.study.mode == "pareto":  # feasibility, read by constraint-aware samplers
                 trial.set_constraint("latency", latency - budget)
             elif latency > budget:
-                record_prune(trial, f"latency {latency:.4g} s > max_latency_s {budget:.4g} s")
+                record_prune(trial, f"latency {latency:.4g} s ({source}) > max_latency_s {budget:.4g} s")
                 raise optuna.TrialPruned(f"latency {latency:.4g} s over budget {budget:.4g} s")
 
         quality = self._train(trial, spec)
