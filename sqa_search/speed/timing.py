@@ -28,8 +28,8 @@ Method, and why:
   that moment, measured by a fixed probe kernel between repeats against this machine's stored
   reference (`sqa_search.speed.probe`), taken with the timing's own clock. ``median_s``/``iqr_s``
   are then "seconds at the machine's reference speed" (``.latency.kind`` "measured-corrected");
-  ``raw_median_s``, ``times_s`` (raw), ``speeds`` and ``machine_speed`` keep what the clock said. ``machine-busy`` flags a median correction
-  above 1.5x.
+  ``raw_median_s``, ``times_s`` (raw), ``speeds`` and ``machine_speed`` keep what the clock said.
+  ``machine-busy`` flags a median correction above 1.5x.
 * The backend of every timed repeat is read from ``layer.last_backend``; a change during the
   timed repeats, a math-path SDPA, an eager FlexAttention, a compilation during the timed
   repeats or dynamo's recompile limit being hit (best effort: read from
