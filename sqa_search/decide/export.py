@@ -338,8 +338,7 @@ def export_recommendation(recommendation, out, **kwargs) -> ExportResult:
             {"name": "loss", "value": "-" if c.loss is None else f"{c.loss:.4f}", "source": c.loss_source},
             {"name": "KV cache", "value": fmt_bytes(c.kv_cache_bytes), "source": "analytic"}]
     figures = {"latency_s": c.latency_s, "latency_source": c.latency_source, "latency_kind": c.latency_kind,
-               "quality": c.loss,
-               "quality_source": c.loss_source, "kv_cache_bytes": c.kv_cache_bytes}
+               "quality": c.loss, "quality_source": c.loss_source, "kv_cache_bytes": c.kv_cache_bytes}
     for fig in c.other_objectives:  # the study's other objectives (e.g. peak memory), as the study measured them
         rows.append({"name": fig.name, "value": fig.formatted, "source": f"study {r.study!r} trial {c.trial}"})
         figures[fig.name] = fig.value
