@@ -53,10 +53,12 @@ def test_bench_measures_and_writes_csv_jsonl_and_png(tmp_path, capsys):
     assert "forward (prefill)" in text and "forward+backward (train)" in text
     assert "vs the same heads with full attention" in text  # swsqa against sqa
     assert "corrected to this machine's reference speed" in text  # the CPU speed correction is said
+    assert "torch " in text and "): measured-corrected" in text and "s/step (measured-corrected)" in text
 
     rows = read_csv(only("*.csv", out))
     assert len(rows) == 2 * 2 * 4  # modes x N x variants
     assert {r["source"] for r in rows} == {"measured"}
+    assert {r["latency_kind"] for r in rows} == {"measured-corrected"} and {r["clock"] for r in rows} == {"wall"}
     assert {r["status"] for r in rows} == {"ok"}
     assert {r["mode"] for r in rows} == {"prefill", "train"}
     seconds = {(r["mode"], r["seq_len"], r["variant"]): float(r["seconds"]) for r in rows}
@@ -101,9 +103,11 @@ def test_cli_wires_the_bench(tmp_path, capsys):
     rc = cli.main(["bench"] + TINY + ["--seq-lens", "32", "--variants", "mha", "--no-cache", "--no-speed-correction",
                                       "--out", str(tmp_path)])
     assert rc == 0
-    assert "corrected to this machine" not in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "corrected to this machine" not in text and "s/step (measured-raw)" in text
     (row,) = read_csv(only("*.csv", tmp_path))
     assert row["speed_corrected"] == "False" and row["seconds"] == row["raw_seconds"]
+    assert row["latency_kind"] == "measured-raw"
 
 
 def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
@@ -115,7 +119,8 @@ def test_hardware_profile_prints_predicted_figures(tmp_path, capsys):
     assert "MEASURED" not in text
     rows = read_csv(only("*.csv", tmp_path))
     assert len(rows) == 2 * 2 * 8
-    assert {r["source"] for r in rows} == {"predicted"}
+    assert {r["source"] for r in rows} == {"predicted"} and {r["latency_kind"] for r in rows} == {"predicted"}
+    assert "s/step (predicted)" in text and {r["clock"] for r in rows} == {""}
     assert {r["profile"] for r in rows} == {"h100-sxm"}
     assert all(r["calibration"] for r in rows)
     assert {r["dtype"] for r in rows} == {"bfloat16"}  # a GPU profile defaults to bf16

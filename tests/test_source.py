@@ -48,6 +48,8 @@ def test_unknown_profile_names_the_known_ones():
 def test_local_measures_with_the_timing_harness():
     source = latency_source("local", budget_s=0.02, max_repeats=4, use_cache=False)
     assert source.measured and source.describe().startswith("measured on this machine")
+    assert "speed-corrected on a CPU" in source.describe()
+    assert latency_source("local", speed_correction=False).describe().endswith(", raw)")
     w = Workload(mode="prefill", seq_len=64, threads=1)
     lat = source.latency(SPECS[1], w)
     assert lat.measured and lat.kind == "measured-corrected" and lat.seconds > 0

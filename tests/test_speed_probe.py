@@ -137,3 +137,33 @@ def test_repeats_between_two_probes_share_their_speed(monkeypatch):
     assert probe.calls == 2
     assert out["speeds"] == pytest.approx([1.0] * 4)
     assert "machine-busy" not in out["flags"]
+
+
+def test_a_reference_belongs_to_its_clock(tmp_path, monkeypatch):
+    """The wall clock and this thread's CPU time have a reference each, in files of their own, and a
+    reference taken with one clock is never read for the other (issue 14: calibration's thread-clock
+    reference once landed in the file wall-clock timings read)."""
+    monkeypatch.setattr(speed_probe, "_MEMO", {})
+    wall = machine_reference(SpeedProbe(), fingerprint_id="c", cache_dir=tmp_path, seconds=0.05)
+    thread = machine_reference(SpeedProbe(clock="thread"), fingerprint_id="c", cache_dir=tmp_path, seconds=0.05)
+    assert (wall.clock, thread.clock) == ("wall", "thread")
+    assert wall.path.endswith(f"machine-reference-compute-t{wall.threads}.json")  # the name it always had
+    assert thread.path.endswith(f"machine-reference-compute-t{thread.threads}-thread.json")
+    assert thread.measured_at != wall.measured_at  # measured again, not borrowed from the other clock
+    for ref in (wall, thread):
+        assert json.loads(open(ref.path).read())["clock"] == ref.clock
+        assert stored_reference(fingerprint_id="c", cache_dir=tmp_path, threads=ref.threads, clock=ref.clock) == ref
+
+    # a thread-clock figure in the wall clock's file (what the bug wrote) is not read as wall-clock
+    wall_path = tmp_path / "c" / f"machine-reference-compute-t{wall.threads}.json"
+    wall_path.write_text(json.dumps({**json.loads(open(thread.path).read()), "probe_s": 1e-9}))
+    assert stored_reference(fingerprint_id="c", cache_dir=tmp_path, threads=wall.threads) is None
+    # nor is a file from before the clock was stored: which clock it holds is unknown
+    legacy = {k: v for k, v in json.loads(open(thread.path).read()).items() if k != "clock"}
+    wall_path.write_text(json.dumps({**legacy, "probe_s": 1e-9}))
+    assert stored_reference(fingerprint_id="c", cache_dir=tmp_path, threads=wall.threads) is None
+    monkeypatch.setattr(speed_probe, "_MEMO", {})
+    again = machine_reference(SpeedProbe(), fingerprint_id="c", cache_dir=tmp_path, seconds=0.05)
+    assert again.clock == "wall" and again.probe_s > 1e-6 and again.measured_at > wall.measured_at
+    with pytest.raises(ValueError, match="clock='cpu'"):
+        SpeedProbe(clock="cpu")

@@ -432,3 +432,50 @@ def test_the_thread_clock_is_for_one_cpu_thread_and_keyed_apart(cache):
     wall = time_spec(spec("mqa"), W(64), cache_dir=cache, **FAST)
     thread = time_spec(spec("mqa"), W(64), cache_dir=cache, clock="thread", **FAST)
     assert thread.ok and thread.clock == "thread" and thread.key != wall.key and not thread.from_cache
+
+
+def test_thread_clock_calibration_then_wall_clock_timing_use_a_reference_each(tmp_path, monkeypatch):
+    """Calibration times on this thread's CPU clock, bench and studies on the wall clock: each timing
+    divides by the reference taken with its own clock, whichever ran first (issue 14)."""
+    from sqa_search.speed import probe
+    from sqa_search.speed.calibrate import calibrate_from_measurements
+    from sqa_search.speed.probe import stored_reference
+
+    monkeypatch.setenv("SQA_SEARCH_CACHE", str(tmp_path))  # nothing measured yet: calibration goes first
+    monkeypatch.setattr(probe, "_MEMO", {})
+    configs = [{"variant": v, "d_model": D, "n_heads": H, "seq_len": 64, "batch": 1} for v in ("mha", "sqa")]
+    _, report, records = calibrate_from_measurements("cpu-generic", configs=configs, modes=("prefill",), repeats=1,
+                                                     passes=1, clock="thread")
+    assert {r.clock for r in records} == {"thread"} and report.clocks == ["thread"]
+    fp_id = records[0].fingerprint_id
+    thread_ref = stored_reference(fingerprint_id=fp_id, cache_dir=default_cache_dir(), threads=1, clock="thread")
+    assert thread_ref is not None and {r.reference_probe_s for r in records} == {thread_ref.probe_s}
+    assert stored_reference(fingerprint_id=fp_id, cache_dir=default_cache_dir(), threads=1) is None  # no wall one yet
+
+    r = time_spec(spec("sqa"), W(64), use_cache=False, **FAST)  # the wall clock, the harness's default
+    wall_ref = stored_reference(fingerprint_id=r.fingerprint_id, cache_dir=default_cache_dir(), threads=1)
+    assert r.clock == "wall" and wall_ref is not None and wall_ref.clock == "wall"
+    assert r.reference_probe_s == wall_ref.probe_s and wall_ref.measured_at > thread_ref.measured_at
+    # calibration keeps both figures of every point, and says which it fitted
+    assert report.latency_kind == "measured-corrected"
+    assert all(p["measured_raw_s"] > 0 and p["measured_corrected_s"] == p["measured_s"] and p["clock"] == "thread"
+               for p in report.points)
+
+
+def test_calibration_saves_the_raw_and_corrected_figures_beside_the_profile(tmp_path, monkeypatch):
+    from sqa_search.speed.calibrate import calibrate_from_measurements
+    from sqa_search.speed.hardware import load_profile, user_profile_dir
+
+    monkeypatch.setenv("SQA_SEARCH_CACHE", str(tmp_path))
+    configs = [{"variant": "sqa", "d_model": D, "n_heads": H, "seq_len": 64, "batch": 1}]
+    calibrated, _, records = calibrate_from_measurements("cpu-generic", configs=configs, modes=("prefill",),
+                                                         repeats=1, passes=1, save=True)
+    saved = load_profile("cpu-generic")
+    assert saved.calibration["latency_kind"] == "measured-corrected" and saved.calibration["clock"] == "thread"
+    stored = json.loads((user_profile_dir() / saved.calibration["timings_file"]).read_text())
+    (point,) = stored["report"]["points"]
+    assert point["measured_kind"] == "measured-corrected" and point["measured_raw_s"] == records[0].raw_median_s
+    assert point["measured_corrected_s"] == records[0].median_s
+    (record,) = stored["records"]
+    assert record["times_s"] == records[0].times_s and record["speeds"] == records[0].speeds
+    assert record["clock"] == "thread" and record["reference_probe_s"] == records[0].reference_probe_s

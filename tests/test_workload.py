@@ -131,7 +131,7 @@ def test_latency_kinds():
 
 
 def test_latency_label_says_what_the_figure_is():
-    assert Latency(0.01, "measured-raw", "cpu-1a2b3c", 128).label == "measured on cpu-1a2b3c"
+    assert Latency(0.01, "measured-raw", "cpu-1a2b3c", 128).label == "measured on cpu-1a2b3c, raw"
     assert (Latency(0.01, "measured-corrected", "cpu-1a2b3c", 128).label
             == "measured on cpu-1a2b3c, speed-corrected")
     assert Latency(0.01, "predicted", "h100-sxm (calibrated)", 128).label == "predicted for h100-sxm (calibrated)"

@@ -12,7 +12,7 @@ from .._format import fmt_bytes, fmt_x
 from ..layer.spec import VARIANTS
 from ..speed.workload import SCOPES
 from ..speed.bench import (DEFAULT_VARIANTS, MODE_CHOICES, BenchError, baseline_heads, bench_records, find,
-                           make_plan, speedups, title, write_outputs)
+                           make_plan, results_kind, speedups, title, write_outputs)
 
 __all__ = ["add_arguments", "run"]
 
@@ -162,10 +162,11 @@ def _cell(r) -> str:
 def _details(results, plan, mode, ratios) -> str:
     predicted = plan.profile is not None
     decode = mode == "decode"
+    seconds = f"s/step ({results_kind(results, mode) or '-'})"  # measured-corrected, measured-raw or predicted
     if predicted:
-        headers = ["variant", "N", "s/step", "vs MHA", "vs GQA", "path", "bound", "GFLOP", "MB moved"]
+        headers = ["variant", "N", seconds, "vs MHA", "vs GQA", "path", "bound", "GFLOP", "MB moved"]
     else:
-        headers = ["variant", "N", "s/step", "IQR", "n", "vs MHA", "vs GQA", "backend", "peak mem"]
+        headers = ["variant", "N", seconds, "IQR", "n", "vs MHA", "vs GQA", "backend", "peak mem"]
     if decode:
         headers += ["KV cache", "cached tok"]
     if not predicted:

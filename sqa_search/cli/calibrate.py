@@ -22,7 +22,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clock", default="auto", choices=("auto", "wall", "thread"),
                         help="auto: this thread's CPU time on a CPU with one thread, else the wall clock")
     parser.add_argument("--save", action="store_true",
-                        help="write the calibrated profile to the user profile directory, where it is found first")
+                        help="write the calibrated profile to the user profile directory, where it is found first, "
+                             "with its timings (raw and speed-corrected) beside it")
     parser.add_argument("--list", action="store_true", help="list the known profiles and exit")
 
 
@@ -41,5 +42,7 @@ def run(args) -> int:
         repeats=args.repeats, passes=args.passes, threads=args.threads, clock=args.clock, save=args.save)
     print(report.summary())
     if args.save:
-        print(f"saved to {user_profile_dir() / (profile.name + '.yaml')}")
+        folder = user_profile_dir()
+        print(f"saved to {folder / (profile.name + '.yaml')}; the timings it was fitted to (raw and "
+              f"speed-corrected seconds, clock, machine reference) in {folder / profile.calibration['timings_file']}")
     return 0

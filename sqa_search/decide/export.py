@@ -33,6 +33,7 @@ from .. import __version__
 from .._format import fmt_bytes, fmt_s
 from ..layer.spec import AttentionSpec
 from ..search.records import TrialRecord
+from ..speed.workload import KIND_NOTES, latency_kind, latency_label
 from .errors import ExportError
 from .layer_source import DEFAULT_MODULE, render_module
 from .load import CONFIG_FILE, FORMAT, FORMAT_VERSION, README_FILE, WEIGHTS_FILE, load_config, load_layer
@@ -42,7 +43,7 @@ from .pick import select_record
 # load_layer / load_config live in load.py; they stay importable from here because every exported
 # README names `sqa_search.decide.export.load_layer`
 __all__ = ["ExportError", "ExportResult", "CONFIG_FILE", "FORMAT", "export_layer", "export_trial",
-           "export_recommendation", "load_config", "load_layer"]
+           "export_recommendation", "load_config", "load_layer", "trial_latency_words"]
 
 
 @dataclass
@@ -146,6 +147,9 @@ def _readme(spec: AttentionSpec, module_name: str, source: dict, figures: dict, 
         if source.get(key) not in (None, ""):
             lines.append(f"- {key.replace('_', ' ')}: {source[key]}")
     lines += ["", "## Figures", ""]
+    kind = figures.get("latency_kind") if figures else None
+    if kind:
+        lines += [f"Latency figures are {kind}" + (f": {KIND_NOTES[kind]}." if kind in KIND_NOTES else "."), ""]
     if figures:
         lines += ["| figure | value | source |", "|---|---|---|"]
         for row in figures.get("rows", []):
@@ -252,7 +256,7 @@ def _trial_source(handle, rec: TrialRecord, reason: str) -> dict:
     """Where a study's trial came from: the study, the trial, the machine, the target, the model."""
     space, target = handle.space, handle.space.target
     fp = rec.fingerprint
-    latency_words = rec.latency_source if rec.latency_source is not None else "not measured"
+    latency_words = trial_latency_words(rec) if rec.latency_source is not None else "not measured"
     return {
         "origin": f"study {space.name!r}",
         "study": space.name,
@@ -278,24 +282,33 @@ def _trial_figures(handle, rec: TrialRecord) -> dict:
     train = {k: "?" if rec.train_value(k) is None else rec.train_value(k) for k in ("steps", "tokens", "data_source",
                                                                                    "seed")}
     rows = [{"name": f"latency per step ({target.mode}, {target.what}, N={'+'.join(map(str, target.seq_len))})",
-             "value": fmt_s(rec.latency_s), "source": "?" if rec.latency_source is None else rec.latency_source}]
+             "value": fmt_s(rec.latency_s), "source": trial_latency_words(rec)}]
     for lat in rec.latencies:
         if len(rec.latencies) > 1 and lat.measured:
             rows.append({"name": f"latency at N={lat.seq_len}", "value": fmt_s(lat.seconds),
-                         "source": f"measured, backend {lat.backend}"})
+                         "source": f"{lat.kind}, backend {lat.backend}"})
     rows.append({"name": quality_name, "value": f"{rec.quality:.4f}",
                  "source": f"proxy model trained {train['steps']} steps / {train['tokens']} tokens "
                            f"(data {train['data_source']}, seed {train['seed']})"})
     rows.append({"name": "KV cache (model, largest N, batch 1)", "value": fmt_bytes(rec.kv_cache_bytes),
                  "source": "analytic"})
-    figures = {"latency_s": rec.latency_s, "latency_source": rec.latency_source,
-               "quality": rec.quality, "quality_metric": quality_name,
+    figures = {"latency_s": rec.latency_s, "latency_source": trial_latency_words(rec) if rec.latency_source else None,
+               "latency_kind": latency_kind(rec.latencies), "quality": rec.quality, "quality_metric": quality_name,
                "kv_cache_bytes": rec.kv_cache_bytes, "timing": rec.timing_rows}
     for fig in objective_figures(space, rec, leave_out=(quality_name, "latency_s", "kv_cache_bytes")):
         rows.append({"name": fig.name, "value": fig.formatted, "source": f"objective of study {space.name!r}"})
         figures[fig.name] = fig.value
     figures["rows"] = rows
     return figures
+
+
+def trial_latency_words(rec: TrialRecord) -> str:
+    """What a trial's latency is, in words ('measured on X, speed-corrected', '... raw', 'predicted
+    for Y'): from its timing rows, so a study stored before the words said it reads right too."""
+    kind = latency_kind(rec.latencies)
+    if kind in ("measured-raw", "measured-corrected") and rec.fingerprint is not None:
+        return latency_label(kind, rec.fingerprint.device_name or rec.fingerprint.label)
+    return rec.latency_source or "?"
 
 
 def export_trial(study, out, *, trial: int | None = None, pick: str | None = None, **kwargs) -> ExportResult:
@@ -324,8 +337,8 @@ def export_recommendation(recommendation, out, **kwargs) -> ExportResult:
              "source": c.latency_source},
             {"name": "loss", "value": "-" if c.loss is None else f"{c.loss:.4f}", "source": c.loss_source},
             {"name": "KV cache", "value": fmt_bytes(c.kv_cache_bytes), "source": "analytic"}]
-    figures = {"latency_s": c.latency_s, "latency_source": c.latency_source, "quality": c.loss,
-               "quality_source": c.loss_source, "kv_cache_bytes": c.kv_cache_bytes}
+    figures = {"latency_s": c.latency_s, "latency_source": c.latency_source, "latency_kind": c.latency_kind,
+               "quality": c.loss, "quality_source": c.loss_source, "kv_cache_bytes": c.kv_cache_bytes}
     for fig in c.other_objectives:  # the study's other objectives (e.g. peak memory), as the study measured them
         rows.append({"name": fig.name, "value": fig.formatted, "source": f"study {r.study!r} trial {c.trial}"})
         figures[fig.name] = fig.value

@@ -39,7 +39,7 @@ from ..layer.spec import AttentionSpec, SpecError
 from ..search.space import SpaceError
 from ..speed.cost import canonical_dtype, predict
 from ..speed.hardware import CostError, Fingerprint, list_profiles, load_profile
-from ..speed.workload import MODES, SCOPES, Workload, WorkloadError
+from ..speed.workload import KIND_NOTES, MODES, SCOPES, Workload, WorkloadError, latency_kind, latency_label
 from .candidates import PAPER_CITATION, PAPER_MODEL, PAPER_QUALITY, CandidateRow, prior_rows, study_hardware, study_rows
 from .errors import RecommendError
 from .parse import parse_bytes, parse_latency_budget, parse_seq_len, parse_tolerance
@@ -306,10 +306,13 @@ def plan_speed(pool: Pool, target: Target, notes: list, footnotes: dict) -> Spee
     if measured:
         dtype = pool.handle.space.target.dtype
         fp = study_fp or Fingerprint()
+        kind = latency_kind(lat for row in pool.rows for lat in row.record.latencies
+                            if lat.seq_len == pool.seq_len and lat.measured) or "measured"
         footnotes["measured"] = (f"speed MEASURED in study {pool.handle.space.name!r} on "
                                  f"{fp.device_name or '?'}, torch {fp.torch_version or '?'}, "
                                  f"{'?' if fp.threads is None else fp.threads} thread(s) (fingerprint "
-                                 f"{', '.join(study_ids) or '?'}); median of repeated timings")
+                                 f"{', '.join(study_ids) or '?'}); median of repeated timings, {kind}"
+                                 + (f": {KIND_NOTES[kind]}" if kind in KIND_NOTES else ""))
         return SpeedPlan(True, dtype, profile, study_fp, study_ids)
     if profile is None:
         raise RecommendError(f"no cost-model profile describes {target.display}: pass --hardware PROFILE "
@@ -338,6 +341,7 @@ class SpeedFigure:
     fingerprint_id: str | None = None
     calibration: str | None = None  # Prediction.calibration when predicted
     bound: str | None = None  # Prediction.bound when predicted
+    kind: str | None = None  # the Latency kind: measured-raw, measured-corrected, predicted
 
 
 def measured_speed(row: CandidateRow, seq_len: int) -> SpeedFigure:
@@ -348,8 +352,8 @@ def measured_speed(row: CandidateRow, seq_len: int) -> SpeedFigure:
         return SpeedFigure(None, f"no timing at N={seq_len} in the study", True)
     fid = rec.fingerprint_id
     device_name = (rec.fingerprint.device_name if rec.fingerprint else None) or "?"
-    source = f"measured on {device_name} (fingerprint {fid}, backend {lats[0].backend})"
-    return SpeedFigure(lats[0].seconds, source, True, fid)
+    source = f"{latency_label(lats[0].kind, device_name)} (fingerprint {fid}, backend {lats[0].backend})"
+    return SpeedFigure(lats[0].seconds, source, True, fid, kind=lats[0].kind)
 
 
 def predicted_speed(spec: AttentionSpec, plan: SpeedPlan, pool: Pool) -> SpeedFigure:
@@ -365,7 +369,7 @@ def predicted_speed(spec: AttentionSpec, plan: SpeedPlan, pool: Pool) -> SpeedFi
     except (CostError, SpecError, WorkloadError) as exc:
         return SpeedFigure(None, f"not predictable: {exc}", False)
     return SpeedFigure(pred.seconds, f"predicted by {pred.profile} ({pred.calibration}), {pred.bound}-bound, "
-                                     f"path {pred.path}", False, None, pred.calibration, pred.bound)
+                                     f"path {pred.path}", False, None, pred.calibration, pred.bound, "predicted")
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -386,7 +390,7 @@ def price_candidates(pool: Pool, plan: SpeedPlan, notes: list) -> list[Candidate
             latency_source=s.source, latency_measured=s.measured, kv_cache_bytes=kv, trial=row.trial,
             fingerprint_id=s.fingerprint_id, calibration=s.calibration, bound=s.bound,
             other_objectives=list(row.other_objectives), loss_se=row.loss_se, loss_values=row.loss_values,
-            latency_iqr_s=row.latency_iqr_s(pool.seq_len) if plan.measured else None))
+            latency_iqr_s=row.latency_iqr_s(pool.seq_len) if plan.measured else None, latency_kind=s.kind))
     if plan.measured:
         shaky = []
         for row in pool.rows:

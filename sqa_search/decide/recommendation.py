@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from .._format import fmt_bytes, fmt_s, fmt_x
 from ..layer.spec import AttentionSpec
+from ..speed.workload import KIND_HEADINGS
 
 
 def fmt_pct(x) -> str:
@@ -38,7 +39,7 @@ class Candidate:
     loss: float | None
     loss_source: str  # "PRIOR: ..." or "measured: study S trial N (val_loss)"
     latency_s: float | None
-    latency_source: str  # "measured on DEVICE (fingerprint F)" or "predicted by PROFILE (calibration)"
+    latency_source: str  # "measured on DEVICE, speed-corrected (fingerprint F)" or "predicted by PROFILE (calibration)"
     latency_measured: bool
     kv_cache_bytes: int
     trial: int | None = None
@@ -59,6 +60,12 @@ class Candidate:
     loss_values: list = field(default_factory=list)  # the loss of each seed
     latency_iqr_s: float | None = None  # interquartile range of the measured timing (None: predicted)
     tied_with: list = field(default_factory=list)  # the choice only: runners-up it cannot be told from (Tie.to_dict)
+    latency_kind: str | None = None  # measured-raw | measured-corrected | predicted (a Latency kind)
+
+    @property
+    def speed_tag(self) -> str:
+        """The figure's kind, as the table's figures column says it."""
+        return self.latency_kind or ("measured" if self.latency_measured else "predicted")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -101,8 +108,23 @@ class Recommendation:
     def spec(self) -> AttentionSpec:
         return self.choice.spec
 
+    @property
+    def speed_kind(self) -> str:
+        """What the latencies are: measured-raw, measured-corrected or predicted ("a + b" when the
+        candidates mix them)."""
+        kinds = sorted({c.speed_tag for c in self.candidates if c.latency_s is not None})
+        return " + ".join(kinds) or self.speed_source
+
+    @property
+    def speed_heading(self) -> str:
+        """'MEASURED (speed-corrected)', 'MEASURED (raw)' or 'PREDICTED by the cost model'."""
+        if self.speed_source != "measured":
+            return "PREDICTED by the cost model"
+        return KIND_HEADINGS.get(self.speed_kind, f"MEASURED ({self.speed_kind})")
+
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["speed_kind"] = self.speed_kind
         data["choice"] = self.choice.to_dict()
         data["alternatives"] = [c.to_dict() for c in self.alternatives]
         data["candidates"] = [c.to_dict() for c in self.candidates]
@@ -115,7 +137,7 @@ class Recommendation:
         return self.choice.tied_with
 
     def render(self) -> str:
-        speed = ("MEASURED" if self.speed_source == "measured" else "PREDICTED by the cost model")
+        speed = self.speed_heading
         loss = ("MEASURED in study " + repr(self.study) if self.quality_source == "study"
                 else "a PRIOR (the SQA paper's table), not a measurement")
         c = self.choice
@@ -150,12 +172,11 @@ class Recommendation:
         for c in self.candidates:
             mark = "*" if c is self.choice else ""
             loss_tag = "prior" if c.loss_source.startswith("PRIOR") else "study"
-            speed_tag = "measured" if c.latency_measured else "predicted"
             formatted = {f.name: f.formatted for f in c.other_objectives}
             row = [mark, c.label] + ([("-" if c.trial is None else c.trial)] if with_trial else []) + [
                 fmt_loss(c.loss, c.loss_se), fmt_pct(c.loss_change_vs_mha_pct),
                 fmt_x(c.speedup_vs_mha), fmt_x(c.speedup_vs_gqa), fmt_bytes(c.kv_cache_bytes),
                 fmt_s(c.latency_s) + (f" (IQR {fmt_s(c.latency_iqr_s)})" if c.latency_iqr_s is not None else "")] + [formatted.get(name, "-") for name in others] + [
-                f"loss:{loss_tag} speed:{speed_tag}", c.status]
+                f"loss:{loss_tag} speed:{c.speed_tag}", c.status]
             rows.append(row)
         return render_table(headers, rows)

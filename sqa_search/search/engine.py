@@ -30,6 +30,7 @@ from optuna.trial import TrialState
 
 from ..common import resolve_device_name
 from ..layer.spec import AttentionSpec
+from ..speed.workload import latency_label
 from .pareto import non_dominated_mask
 from .records import (
     TrialRecord,
@@ -127,7 +128,7 @@ class TrialObjective:
             if self.space.study.mode == "pareto":  # feasibility, read by constraint-aware samplers
                 trial.set_constraint("latency", latency - budget)
             elif latency > budget:
-                record_prune(trial, f"latency {latency:.4g} s > max_latency_s {budget:.4g} s")
+                record_prune(trial, f"latency {latency:.4g} s ({source}) > max_latency_s {budget:.4g} s")
                 raise optuna.TrialPruned(f"latency {latency:.4g} s over budget {budget:.4g} s")
 
         quality = self._train(trial, spec)
@@ -170,9 +171,11 @@ class TrialObjective:
                 records.append({"seq_len": n, "median_s": result.median_s, "iqr_s": result.iqr_s,
                                 "raw_median_s": result.raw_median_s, "machine_speed": result.machine_speed,
                                 "backend": result.backend, "flags": result.flags,
-                                "fingerprint_id": result.fingerprint_id, "peak_mem_bytes": result.peak_mem_bytes})
+                                "fingerprint_id": result.fingerprint_id, "peak_mem_bytes": result.peak_mem_bytes,
+                                "speed_corrected": result.speed_corrected})
                 total += result.median_s
-                source = f"measured on {result.fingerprint.device_name or result.device}"
+                # "measured on X, speed-corrected" (CPU: seconds at the machine's reference speed) or ", raw"
+                source = latency_label(result.latency.kind, result.fingerprint.device_name or result.device)
                 fingerprint = result.fingerprint
             else:
                 from ..speed.cost import predict

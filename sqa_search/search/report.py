@@ -22,13 +22,14 @@ from .._figures import fit_text, save
 from .._format import fmt_s
 from .pareto import (IQR_PER_SD, dominated_beyond_noise, group_names, hypervolume_history, indistinct_groups,
                      non_dominated_mask, reference_point)
+from ..speed.workload import KIND_NOTES, latency_kind
 from .recovery import INTERRUPTED, is_interrupted
 from .records import TrialRecord, from_trial
 from .space import SEARCH_PARAMS
 
 __all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "front_figure",
            "front_plotly_figure", "hypervolume_figure", "FRONT_COLOUR", "NOISE_Z", "latency_iqr_s",
-           "objective_noise", "noise_lines"]
+           "objective_noise", "noise_lines", "study_latency_kind"]
 
 # How many combined noise scales apart two figures must be to count as different (pareto.py's z).
 NOISE_Z = 2.0
@@ -54,7 +55,8 @@ def _trial_row(handle, trial, record: TrialRecord) -> dict:
         "kv_cache_bytes": record.kv_cache_bytes, "n_params": record.n_params,
         "val_loss": record.train_value("val_loss"), "mqar_accuracy": record.train_value("mqar_accuracy"),
         "train_wall_s": record.train_value("wall_s"), "tokens_per_s": record.train_value("tokens_per_s"),
-        "latency_source": record.latency_source, "duplicate_of": record.duplicate_of,
+        "latency_source": record.latency_source, "latency_kind": latency_kind(record.latencies),
+        "duplicate_of": record.duplicate_of,
         "fail_reason": record.reason
         or (f"{INTERRUPTED} (no result, no reason: its worker was lost)" if is_interrupted(trial) else None),
         "fingerprint_id": record.fingerprint_id, "backend": record.backend,
@@ -166,7 +168,7 @@ def front_columns(front, space=None, *, formatted: bool = True):
     latency_iqr_s, group, beyond_noise and beaten_by). A declared objective without a place in the
     usual columns is shown before the latency source."""
     keep = ["trial", "label", "quality", "latency_s", "speedup_vs_mha", "quality_change_vs_mha_%",
-            "speedup_vs_gqa", "quality_change_vs_gqa_%", "kv_cache_bytes", "latency_source"]
+            "speedup_vs_gqa", "quality_change_vs_gqa_%", "kv_cache_bytes", "latency_kind", "latency_source"]
     if space is not None:
         keep[-1:-1] = [o.column for o in space.declared_objectives() if o.column not in keep]
     if not formatted:
@@ -243,9 +245,21 @@ def point_names(front) -> dict:
 def _front_title(handle) -> tuple[str, str]:
     """(what the front plots show, where the latency comes from); the title is "<study>: <what>"."""
     space = handle.space
-    source = "measured" if space.target.measured else f"predicted ({space.target.hardware})"
+    kind = study_latency_kind(handle) or ("measured" if space.target.measured else "predicted")
+    source = kind if space.target.measured else f"{kind} ({space.target.hardware})"
     quality, _ = _plotted(space)
     return f"{quality.name} vs latency ({space.target.mode}, {source})", source
+
+
+def study_latency_kind(handle) -> str | None:
+    """The kind of the study's latency figures (measured-raw, measured-corrected, predicted; "a + b"
+    when its trials mix them), read from its trials; None before any trial has a latency."""
+    return latency_kind(lat for t in handle.study.get_trials(deepcopy=False) for lat in from_trial(t).latencies)
+
+
+def _kind_note(kind: str | None) -> str:
+    """': measured-corrected, seconds at ...' for report.md's target line ('' before any latency)."""
+    return "" if kind is None else f": {kind}" + (f", {KIND_NOTES[kind]}" if kind in KIND_NOTES else "")
 
 
 def _plotted(space):
@@ -398,7 +412,8 @@ def write_report(handle, out: Path | None = None) -> dict:
         f"Search space: {space.source}. Model d_model={space.model.d_model}, H={space.model.n_heads}, "
         f"{space.model.n_layers} layers, {'decoder' if space.model.causal else 'encoder'}.",
         f"Target: {t.hardware}, {t.mode}, {t.dtype}, batch {t.batch}, N={list(t.seq_len)}, timing the {t.what}. "
-        f"Latency is {'measured on this machine' if t.measured else 'PREDICTED by the cost model'}.",
+        f"Latency is {'measured on this machine' if t.measured else 'PREDICTED by the cost model'}"
+        f"{_kind_note(study_latency_kind(handle))}.",
         f"Trials: {len(frame)} ({(frame.state == 'COMPLETE').sum()} complete, {(frame.state == 'PRUNED').sum()} pruned, "
         f"{len(failed)} failed). Hypervolume (quality x latency): {hv:.4g}.",
         "",

@@ -3,7 +3,10 @@
 Measured on this machine by default, or predicted for a named hardware profile with
 ``--hardware`` (no GPU needed), both through the one latency source (`sqa_search.speed.source`).
 The two are never mixed and never confusable: the table title, the CSV column ``source`` and the
-plot title all say "measured" or "predicted (profile P, calibration C)".
+plot title all say "measured" or "predicted (profile P, calibration C)", and what a measured figure
+is: ``measured-corrected`` (CPU default: seconds at the machine's reference speed, see
+`sqa_search.speed.probe`) or ``measured-raw`` (the CSV's ``latency_kind``; raw medians are in
+``raw_seconds`` either way).
 
 Here: the options checked into a plan (`make_plan`), the records (`bench_records`), speedups,
 the CSV, the JSON-lines file and the plot. The tables are printed by `sqa_search.cli.bench`.
@@ -25,11 +28,11 @@ from ..errors import UserError
 from ..layer.spec import VARIANTS, AttentionSpec, SpecError, normalise_variant
 from .hardware import CostError, Fingerprint, HardwareProfile, load_profile
 from .source import LatencySource, latency_source
-from .workload import Workload
+from .workload import Workload, latency_kind
 
 __all__ = ["BenchError", "BenchPlan", "parse_variants", "parse_seq_lens", "make_plan", "bench_records", "write_outputs",
            "plot_figure", "write_plot", "write_csv", "title", "speedups", "baseline_heads", "find", "DEFAULT_VARIANTS",
-           "MODE_CHOICES", "MODE_TITLES", "CSV_COLUMNS"]
+           "MODE_CHOICES", "MODE_TITLES", "CSV_COLUMNS", "results_kind"]
 
 DEFAULT_VARIANTS = "mha,gqa,mqa,sqa,ssqa,xsqa,xsmqa,swsqa"
 MODE_CHOICES = ("prefill", "train", "decode", "both")
@@ -37,9 +40,11 @@ MODE_TITLES = {"prefill": "forward (prefill)", "train": "forward+backward (train
 CSV_COLUMNS = (
     "source", "mode", "mode_label", "what", "variant", "label", "n_q_heads", "n_kv_heads", "window",
     "n_global", "causal", "d_model", "n_heads", "n_layers", "batch", "seq_len", "dtype", "device",
-    "threads", "seconds", "iqr_s", "raw_seconds", "machine_speed", "speed_corrected", "n_repeats", "speedup_vs_mha", "speedup_vs_gqa", "backend", "flags",
+    "threads", "seconds", "iqr_s", "raw_seconds", "machine_speed", "speed_corrected", "n_repeats", "speedup_vs_mha",
+    "speedup_vs_gqa", "backend", "flags",
     "peak_mem_bytes", "mem_kind", "kv_cache_bytes", "kv_cache_tokens", "status", "error",
     "hardware", "fingerprint_id", "profile", "calibration", "pred_flops", "pred_bytes", "pred_bound",
+    "latency_kind", "clock",  # what `seconds` is (measured-corrected, measured-raw, predicted); the timing's clock
 )
 
 
@@ -258,11 +263,18 @@ def title(args, plan, results, mode) -> str:
     fp = next((r.fingerprint for r in results if r.fingerprint), None) or Fingerprint()
     where = fp.device_name or str(plan.device)
     threads = f", {fp.threads} threads" if plan.device.type == "cpu" else ""
-    headline = f"MEASURED on {plan.device} ({where}{threads}, torch {fp.torch_version or '?'})"
+    kind = results_kind(results, mode)
+    headline = (f"MEASURED on {plan.device} ({where}{threads}, torch {fp.torch_version or '?'})"
+                + (f": {kind}" if kind else ""))
     pooled = f" pooled from {plan.passes} passes over the grid" if plan.passes > 1 else ""
     body = (f"{MODE_TITLES[mode] + ', ' if mode else ''}{shape}; seconds per step, median of timed repeats{pooled}")
     correction = speed_note(results)
     return f"{headline}\n{body}" + (f"\n{correction}" if correction else "")
+
+
+def results_kind(results, mode=None) -> str | None:
+    """What the figures of `results` (of one mode, or all) are: a Latency kind, "a + b" when mixed."""
+    return latency_kind(r.latency for r in results if r.ok and (mode is None or r.mode == mode))
 
 
 def speed_note(results) -> str | None:
@@ -341,6 +353,8 @@ def csv_rows(results, args, plan):
             "pred_flops": pred.get("flops"),
             "pred_bytes": pred.get("bytes"),
             "pred_bound": pred.get("bound"),
+            "latency_kind": r.latency.kind,
+            "clock": None if r.predicted else r.clock,
         }
 
 

@@ -10,6 +10,11 @@ machine cannot drag the fit) and pulled weakly towards the starting factors (so 
 cannot see stays put). Its own small Nelder-Mead: the roofline's max() has kinks, and the fit
 has five parameters. Held-out error: every configuration (spec + shape, all its modes together)
 is predicted by a fit that did not see it.
+
+What is fitted: each record's ``median_s``, i.e. speed-corrected seconds when the timing corrected
+for the machine's speed (the CPU default, as bench's figures are) and raw seconds otherwise. The
+report says which (``latency_kind``, ``clocks``) and keeps both figures of every point; `--save`
+writes the report and the timing records (raw repeats, speeds, reference) beside the profile.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -31,11 +37,7 @@ from .timing import time_points
 from .workload import MODES, Workload
 
 __all__ = ["CalibrationReport", "calibrate", "calibrate_from_measurements", "default_calibration_configs",
-           "as_record"]
-
-_RIDGE = 1e-3  # pull (in log space) towards the starting factors: keeps unidentifiable ones put
-_HUBER = 0.1  # soft-L1 scale in log space: a stalled timing on a busy machine cannot drag the fit
-
+           "as_record", "save_calibration"]
 
 _PARAMS = ("matmul", "attention", "elementwise", "memory", "overhead_s")
 _RIDGE = 1e-3  # pull (in log space) towards the starting factors: keeps unidentifiable ones put
@@ -65,7 +67,9 @@ class CalibrationReport:
     fit_mape_after: float  # calibrated profile on the points it was fitted on
     heldout_mape: float  # each configuration predicted by a fit that did not see it
     heldout_method: str
-    points: list  # one dict per point: config, measured, predicted before/after/held-out
+    points: list  # one dict per point: config, measured (raw and corrected), predicted before/after/held-out
+    latency_kind: str = "measured-raw"  # what was fitted: measured-corrected, measured-raw or "a + b" when mixed
+    clocks: list = dataclasses.field(default_factory=list)  # the clocks the timings were taken with
 
     def to_dict(self) -> dict:
         return plain(dataclasses.asdict(self))
@@ -83,6 +87,7 @@ class CalibrationReport:
         return (
             f"calibrated {self.profile} on {self.fingerprint} ({self.date}): {self.n_points} points "
             f"({self.n_skipped} skipped), modes {', '.join(self.modes)}, dtypes {', '.join(self.dtypes)}\n"
+            f"  fitted to {self.latency_kind} seconds ({', '.join(self.clocks) or '?'} clock)\n"
             f"  efficiency: {eff}; overhead {self.overhead_before:.3g}s->{self.overhead_after:.3g}s\n"
             f"  median abs error: uncalibrated {pct(self.fit_mape_before)}, fitted {pct(self.fit_mape_after)}, "
             f"held-out {pct(self.heldout_mape)} ({self.heldout_method})"
@@ -118,9 +123,12 @@ class _Point:
     dtype: str
     n_layers: int
     d_ff: int | None
-    measured: float
+    measured: float  # what is fitted: the record's median_s (speed-corrected when the timing corrected)
     group: str
     fingerprint: Fingerprint | None
+    raw: float | None = None  # the uncorrected median
+    kind: str = "measured-raw"  # a Latency kind: measured-corrected or measured-raw
+    clock: str = "wall"
 
 
 def _parse_results(results, device_type: str) -> tuple[list[_Point], list[str]]:
@@ -149,7 +157,8 @@ def _parse_results(results, device_type: str) -> tuple[list[_Point], list[str]]:
             pt = _Point(spec=rec.spec, mode=rec.mode, what=rec.what or "layer", batch=int(rec.batch),
                         seq_len=int(rec.seq_len), dtype=str(rec.dtype).replace("torch.", ""),
                         n_layers=int(rec.n_layers or 1), d_ff=rec.d_ff, measured=seconds, group="",
-                        fingerprint=rec.fingerprint)
+                        fingerprint=rec.fingerprint, raw=rec.raw_median_s if rec.raw_median_s else seconds,
+                        kind="measured-corrected" if rec.speed_corrected else "measured-raw", clock=rec.clock)
             # validate now, so a bad record is skipped with a reason rather than failing the fit
             build_phases(pt.spec, batch=pt.batch, seq_len=pt.seq_len, mode=pt.mode, what=pt.what,
                          n_layers=pt.n_layers, d_ff=pt.d_ff, vocab_size=256, dtype=pt.dtype, device_type=None,
@@ -298,15 +307,19 @@ def calibrate(profile, results, *, folds: int | None = None, seed: int = 0):
         skipped=skipped, modes=modes, dtypes=dtypes, efficiency_before=dict(profile.efficiency),
         efficiency_after=eff_after, overhead_before=float(profile.overhead_s), overhead_after=float(np.exp(theta[4])),
         fit_mape_before=_mdape(before, measured), fit_mape_after=_mdape(after, measured), heldout_mape=heldout_mape,
-        heldout_method=method,
-        points=[
-            {"label": p.spec.label, "mode": p.mode, "what": p.what, "batch": p.batch, "seq_len": p.seq_len,
-             "dtype": p.dtype, "measured_s": p.measured, "predicted_uncalibrated_s": float(before[i]),
-             "predicted_fitted_s": float(after[i]), "predicted_heldout_s": float(heldout[i])}
-            for i, p in enumerate(points)
-        ],
+        heldout_method=method, points=[_point_row(p, before[i], after[i], heldout[i]) for i, p in enumerate(points)],
+        latency_kind=" + ".join(sorted({p.kind for p in points})), clocks=sorted({p.clock for p in points}),
     )
     return _calibrated_profile(profile, report, points, main_fp), report
+
+
+def _point_row(p: _Point, before: float, after: float, heldout: float) -> dict:
+    """One point of the report: its configuration, both measured figures and the predictions."""
+    return {"label": p.spec.label, "mode": p.mode, "what": p.what, "batch": p.batch, "seq_len": p.seq_len,
+            "dtype": p.dtype, "measured_s": p.measured, "measured_kind": p.kind, "clock": p.clock,
+            "measured_raw_s": p.raw, "measured_corrected_s": p.measured if p.kind == "measured-corrected" else None,
+            "predicted_uncalibrated_s": float(before), "predicted_fitted_s": float(after),
+            "predicted_heldout_s": float(heldout)}
 
 
 def _heldout(design, points, measured, theta0, folds, seed) -> tuple[np.ndarray, str]:
@@ -368,6 +381,8 @@ def _calibrated_profile(profile: HardwareProfile, report: CalibrationReport, poi
             "uncalibrated_mape": report.fit_mape_before,
             "efficiency_before": dict(profile.efficiency),
             "overhead_before": float(profile.overhead_s),
+            "latency_kind": report.latency_kind,  # what the factors were fitted to
+            "clock": ", ".join(report.clocks),
         },
     )
 
@@ -437,6 +452,19 @@ def calibrate_from_measurements(profile="cpu-generic", *, configs=None, modes=MO
                         f"{failed[0].error}")
     calibrated, report = calibrate(profile, records)
     if save:
-        save_profile(calibrated)
+        save_calibration(calibrated, report, records)
     return calibrated, report, records
+
+
+def save_calibration(calibrated: HardwareProfile, report: CalibrationReport, records, path=None) -> Path:
+    """Save the profile (`save_profile`) and, beside it as ``<name>.calibration.json``, the report
+    (each point's raw and corrected seconds) and the timing records (raw repeats, speeds, the
+    machine reference and its clock): the figures the factors were fitted to stay readable.
+    The file's name goes into ``calibrated.calibration["timings_file"]``. Returns the profile's path."""
+    timings_name = f"{calibrated.name}.calibration.json"
+    calibrated.calibration = {**(calibrated.calibration or {}), "timings_file": timings_name}
+    profile_path = save_profile(calibrated, path)
+    payload = {"report": report.to_dict(), "records": [as_record(r).to_dict() for r in records]}
+    (profile_path.parent / timings_name).write_text(json.dumps(plain(payload), indent=1) + "\n")
+    return profile_path
 

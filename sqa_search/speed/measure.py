@@ -16,7 +16,7 @@ import time
 import torch
 
 from .job import Job
-from .probe import BUSY_CORRECTION, PROBE_INTERVAL_S, SpeedProbe, corrected_times
+from .probe import BUSY_CORRECTION, CLOCK_FUNCTIONS, PROBE_INTERVAL_S, SpeedProbe, corrected_times
 
 __all__ = ["measure", "summarise", "backend_parts", "speed_probe", "REPEAT_FLAGS", "CLOCK_FUNCTIONS",
            "CPU_MEM_KIND", "CUDA_MEM_KIND", "MIN_REPEATS", "WARMUP_MIN", "WARMUP_MAX"]
@@ -29,9 +29,6 @@ UNSTABLE_FACTOR = 5.0  # samples this many times the median are outliers ...
 UNSTABLE_SHARE = 0.02  # ... and more than this share of them (at least one) flags "unstable": one interrupt
 # in a thousand decode steps is the machine, not the timing
 L2_FLUSH_BYTES = 256 * 2**20
-# "thread": this thread's CPU time, which leaves out the time other processes hold the core (valid
-# only on CPU with one torch thread, where every op runs on the calling thread)
-CLOCK_FUNCTIONS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
 def _dynamo_counts() -> tuple[int, int] | None:
@@ -324,7 +321,7 @@ def _unstable(samples: list[float], median: float) -> bool:
 @functools.lru_cache(maxsize=None)
 def speed_probe(kind: str, clock: str = "wall") -> SpeedProbe:
     """One probe of each kind (and clock) per process: building one (tensors, warm-up calls) is not free."""
-    return SpeedProbe(kind, clock=CLOCK_FUNCTIONS[clock])
+    return SpeedProbe(kind, clock=clock)
 
 
 def _median_iqr(values: list[float]) -> tuple[float, float]:

@@ -29,7 +29,12 @@ much was corrected; a correction above ``BUSY_CORRECTION`` is flagged ``machine-
 
 The reference is measured the first time it is needed (``REFERENCE_S`` of probes, the fastest
 kept) and stored as JSON beside the timings cache; every later process on the machine uses the
-same figure, which is what makes separate runs comparable. Delete the file (or call
+same figure, which is what makes separate runs comparable. A reference belongs to one clock: the
+wall clock (``time.perf_counter``, what bench and the study time with) or this thread's CPU time
+(what calibration may time with). The clock is in the file's name and contents and is checked when
+read, so a timing never divides by a reference taken with another clock (a thread-clock reference
+leaves out the time other processes hold the core, and would scale a wall-clock timing wrongly).
+Delete the file (or call
 `machine_reference` with ``remeasure=True``) to measure it again, e.g. after moving the cache
 to another machine with the same fingerprint. CPU only: CUDA timings use events, and a GPU's
 clock is not the host's.
@@ -49,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["SpeedProbe", "MachineReference", "machine_reference", "stored_reference", "corrected_times",
-           "probe_kind"]
+           "probe_kind", "CLOCKS", "CLOCK_FUNCTIONS"]
 
 PROBE_SHAPE = (1, 1, 2048, 64)  # (batch, heads, tokens, head dim): ~10 ms on one EPYC core
 PROBE_INTERVAL_S = 0.02  # probe after a repeat once this much time passed since the last probe: after
@@ -59,6 +64,11 @@ BUSY_CORRECTION = 1.5  # a median correction above this flags the timing "machin
 DISPATCH_OPS = 160  # ops in one dispatch probe: ~1 ms on one EPYC core
 PROBE_KINDS = ("compute", "dispatch")
 PROBE_VERSION = 3  # bump when the probe's work changes: stored references are then stale
+
+# "thread": this thread's CPU time, which leaves out the time other processes hold the core (valid
+# only on CPU with one torch thread, where every op runs on the calling thread)
+CLOCK_FUNCTIONS = {"wall": time.perf_counter, "thread": time.thread_time}
+CLOCKS = tuple(CLOCK_FUNCTIONS)
 
 _MEMO: dict[tuple, "MachineReference"] = {}
 
@@ -73,11 +83,14 @@ class SpeedProbe:
     2x between runs while the compute probe moved by 1.3x).
     """
 
-    def __init__(self, kind: str = "compute", seed: int = 0, clock=time.perf_counter):
+    def __init__(self, kind: str = "compute", seed: int = 0, clock: str = "wall"):
         if kind not in PROBE_KINDS:
             raise ValueError(f"kind={kind!r} is not known: choose one of {', '.join(PROBE_KINDS)}")
+        if clock not in CLOCK_FUNCTIONS:
+            raise ValueError(f"clock={clock!r} is not known: choose one of {', '.join(CLOCKS)}")
         self.kind = kind
         self.clock = clock  # the clock of the timings it corrects (the cost calibration may use thread time)
+        self._now = CLOCK_FUNCTIONS[clock]
         gen = torch.Generator().manual_seed(seed)
         if kind == "compute":
             self.q, self.k, self.v = (torch.randn(*PROBE_SHAPE, generator=gen) for _ in range(3))
@@ -100,9 +113,9 @@ class SpeedProbe:
     def __call__(self) -> float:
         best = float("inf")
         for _ in range(2):  # the better of two: one interrupt should not move the correction
-            t0 = self.clock()
+            t0 = self._now()
             self._run()
-            best = min(best, self.clock() - t0)
+            best = min(best, self._now() - t0)
         return best
 
 
@@ -123,23 +136,30 @@ class MachineReference:
     n_probes: int
     path: str | None  # where it is stored; None when it could not be written
     probe_version: int = PROBE_VERSION
+    clock: str | None = "wall"  # the clock it was taken with; None in files written before it was stored
 
     @property
     def measured_when(self) -> str:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.measured_at))
 
 
-def _reference_path(cache_dir: Path, fp_id: str, threads: int, kind: str) -> Path:
-    return Path(cache_dir) / fp_id / f"machine-reference-{kind}-t{threads}.json"
+def _reference_path(cache_dir: Path, fp_id: str, threads: int, kind: str, clock: str) -> Path:
+    """The wall clock keeps the name references always had; another clock has its own file."""
+    suffix = "" if clock == "wall" else f"-{clock}"
+    return Path(cache_dir) / fp_id / f"machine-reference-{kind}-t{threads}{suffix}.json"
 
 
-def _load(path: Path) -> MachineReference | None:
+def _load(path: Path, clock: str) -> MachineReference | None:
+    """The reference stored at `path` if it is current and was taken with `clock`, else None.
+
+    A file without a clock was written when calibration could store a thread-clock reference
+    under the wall clock's name: which clock it holds is unknown, so it is measured again."""
     try:
         data = json.loads(path.read_text())
-        ref = MachineReference(**{**data, "path": str(path)})
+        ref = MachineReference(**{"clock": None, **data, "path": str(path)})
     except (OSError, ValueError, TypeError):
         return None
-    if ref.probe_version != PROBE_VERSION or not ref.probe_s > 0:
+    if ref.probe_version != PROBE_VERSION or not ref.probe_s > 0 or ref.clock != clock:
         return None
     return ref
 
@@ -158,24 +178,26 @@ def _store(path: Path, ref: MachineReference) -> bool:
         return False
 
 
-def stored_reference(*, fingerprint_id: str, cache_dir, threads: int, kind: str = "compute") -> MachineReference | None:
-    """The reference stored for this machine, thread count and probe kind, or None; measures nothing."""
-    return _load(_reference_path(Path(cache_dir), fingerprint_id, threads, kind))
+def stored_reference(*, fingerprint_id: str, cache_dir, threads: int, kind: str = "compute",
+                     clock: str = "wall") -> MachineReference | None:
+    """The reference stored for this machine, thread count, probe kind and clock, or None; measures nothing."""
+    return _load(_reference_path(Path(cache_dir), fingerprint_id, threads, kind, clock), clock)
 
 
 def machine_reference(probe: SpeedProbe, *, fingerprint_id: str, cache_dir, remeasure: bool = False,
                       seconds: float = REFERENCE_S) -> MachineReference:
-    """The stored reference for this machine, thread count and `probe.kind`, measured and stored if missing.
+    """The stored reference for this machine, thread count, `probe.kind` and `probe.clock`, measured
+    and stored if missing.
 
     Call it with torch's thread count already set to the one being timed. One process measures
-    at most once per (machine, threads); a cache directory that cannot be written still gets a
-    reference, kept in memory (its ``path`` is None).
+    at most once per (machine, threads, kind, clock); a cache directory that cannot be written
+    still gets a reference, kept in memory (its ``path`` is None).
     """
     threads = torch.get_num_threads()
-    path = _reference_path(Path(cache_dir), fingerprint_id, threads, probe.kind)
-    memo_key = (fingerprint_id, threads, probe.kind)
+    path = _reference_path(Path(cache_dir), fingerprint_id, threads, probe.kind, probe.clock)
+    memo_key = (fingerprint_id, threads, probe.kind, probe.clock)
     if not remeasure:
-        stored = _load(path)
+        stored = _load(path, probe.clock)
         if stored is not None:
             _MEMO[memo_key] = stored
             return stored
@@ -188,7 +210,7 @@ def machine_reference(probe: SpeedProbe, *, fingerprint_id: str, cache_dir, reme
     while time.perf_counter() < stop or len(samples) < 5:
         samples.append(probe())
     ref = MachineReference(probe_s=min(samples), threads=threads, fingerprint_id=fingerprint_id, kind=probe.kind,
-                           measured_at=time.time(), n_probes=len(samples), path=str(path))
+                           measured_at=time.time(), n_probes=len(samples), path=str(path), clock=probe.clock)
     if not _store(path, ref):
         ref = MachineReference(**{**asdict(ref), "path": None})
     _MEMO[memo_key] = ref

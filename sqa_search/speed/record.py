@@ -21,13 +21,14 @@ from ..layer.attention import BACKENDS
 from ..layer.spec import AttentionSpec
 from .device import TimingError, parse_dtype, resolve_device
 from .hardware import Fingerprint, fingerprint
+from .probe import CLOCKS as PROBE_CLOCKS
 from .workload import MODES, SCOPES, Latency, Workload
 
 __all__ = ["TimingResult", "TimingError", "new_record", "check_int", "TIMING_VERSION", "CLOCKS"]
 
 # Bump when the method changes so old cached timings are not mixed with new ones.
 TIMING_VERSION = 2  # 2: CPU repeats corrected for machine speed (speed/probe.py)
-CLOCKS = ("wall", "thread")  # thread: this thread's CPU time (CPU, one thread; see time_spec)
+CLOCKS = PROBE_CLOCKS  # thread: this thread's CPU time (CPU, one thread; see time_spec)
 
 
 @dataclass

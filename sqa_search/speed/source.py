@@ -33,9 +33,11 @@ class LatencySource:
         return self.profile is None
 
     def describe(self) -> str:
-        """'measured on this machine' / 'predicted for h100-sxm (calibration ...)'."""
+        """'measured on this machine (..., speed-corrected on a CPU)' / 'predicted for h100-sxm (calibration ...)'."""
         if self.measured:
-            return "measured on this machine (sqa_search.speed.timing)"
+            correction = self.options.get("speed_correction")
+            words = {True: "speed-corrected", False: "raw"}.get(correction, "speed-corrected on a CPU, raw on a GPU")
+            return f"measured on this machine (sqa_search.speed.timing, {words})"
         return f"predicted for {self.profile.name} ({self.profile.calibration_label})"
 
     def latency(self, spec, workload: Workload) -> Latency:

@@ -21,14 +21,15 @@ Method, and why:
 * CUDA: ``torch.cuda.Event`` pairs with a synchronise per repeat (kernels are asynchronous:
   host-side clocks time the launches, not the work) and an L2 flush (a 256 MiB buffer, or
   twice the L2, zeroed) before each repeat, so a small shape is not timed out of a warm L2.
-  CPU: ``time.perf_counter`` and a fixed, recorded thread count.
+  CPU: ``time.perf_counter`` (or this thread's CPU time, ``clock="thread"``) and a fixed, recorded
+  thread count.
 * CPU speed correction (default on CPU): a shared machine changes speed under a timing, in
   phases longer than any timing budget, so each repeat is scaled by the machine's speed at
   that moment, measured by a fixed probe kernel between repeats against this machine's stored
-  reference (`sqa_search.speed.probe`). ``median_s``/``iqr_s`` are then "seconds at the
-  machine's reference speed"; ``raw_median_s``, ``times_s`` (raw), ``speeds`` and
-  ``machine_speed`` keep what the clock said. ``machine-busy`` flags a median correction
-  above 1.5x.
+  reference (`sqa_search.speed.probe`), taken with the timing's own clock. ``median_s``/``iqr_s``
+  are then "seconds at the machine's reference speed" (``.latency.kind`` "measured-corrected");
+  ``raw_median_s``, ``times_s`` (raw), ``speeds`` and ``machine_speed`` keep what the clock said.
+  ``machine-busy`` flags a median correction above 1.5x.
 * The backend of every timed repeat is read from ``layer.last_backend``; a change during the
   timed repeats, a math-path SDPA, an eager FlexAttention, a compilation during the timed
   repeats or dynamo's recompile limit being hit (best effort: read from
@@ -161,9 +162,11 @@ def _run(result: TimingResult, dev, torch_dtype, threads, seed: int, cache_root,
             probe = reference = None
             if result.speed_corrected:
                 probe = speed_probe(probe_kind(result.mode), result.clock)
-                reference = machine_reference(probe, fingerprint_id=result.fingerprint_id,
-                                              cache_dir=cache_root).probe_s
-                result.reference_probe_s = reference
+                stored = machine_reference(probe, fingerprint_id=result.fingerprint_id, cache_dir=cache_root)
+                if stored.clock != result.clock:  # machine_reference reads only its probe's clock: a guard
+                    raise TimingError(f"the machine reference was taken with the {stored.clock} clock, the timing "
+                                      f"uses the {result.clock} clock")
+                reference = result.reference_probe_s = stored.probe_s
             job = build_job(
                 result.spec, what=result.what, mode=result.mode, batch=result.batch, seq_len=result.seq_len,
                 n_layers=result.n_layers, d_ff=result.d_ff, backend=result.requested_backend, device=dev,

@@ -2,11 +2,11 @@
 
 The default directory is ``common.cache_dir("timings")`` (``$SQA_SEARCH_CACHE/timings``, else
 ``$XDG_CACHE_HOME/sqa_search/timings``, else ``~/.cache/sqa_search/timings``); a ``cache_dir``
-argument replaces it and is used as is. The machine-speed probe keeps its reference beside the
-timings (``<cache dir>/<fingerprint id>/machine-reference-*.json``). The key (`TimingResult.key`)
-covers everything the figure depends on, not the budget. Only ``ok`` results are stored: an
-``oom`` may come from memory another process held at the time and an ``error`` from a bug since
-fixed, so both are re-tried.
+argument replaces it and is used as is. The machine-speed probe keeps its references beside the
+timings (``<cache dir>/<fingerprint id>/machine-reference-*.json``, one per probe, thread count and
+clock). The key (`TimingResult.key`) covers everything the figure depends on, not the budget.
+Only ``ok`` results are stored: an ``oom`` may come from memory another process held at the time
+and an ``error`` from a bug since fixed, so both are re-tried.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def load(path: Path, key: str) -> TimingResult | None:
     if result.speed_corrected:
         # corrected against a reference since re-measured (or deleted): another scale, time again
         ref = stored_reference(fingerprint_id=result.fingerprint_id, cache_dir=path.parent.parent,
-                               threads=result.threads, kind=probe_kind(result.mode))
+                               threads=result.threads, kind=probe_kind(result.mode), clock=result.clock)
         if ref is None or ref.probe_s != result.reference_probe_s:
             return None
     result.from_cache = True

@@ -21,6 +21,36 @@ DEFAULT_MODEL_LAYERS = 8  # the SQA paper's dense model, when the scope is "mode
 
 # how a latency figure came to be; every table, plot, report and export says it
 LATENCY_KINDS = ("measured-raw", "measured-corrected", "predicted")
+# the words after "measured on X" / "predicted for Y"; measured-corrected figures are seconds at the
+# machine's reference speed (sqa_search.speed.probe), raw ones what the clock said
+_KIND_SUFFIX = {"measured-raw": ", raw", "measured-corrected": ", speed-corrected", "predicted": ""}
+# a heading's words for each kind (recommend's "speed:" line, bench's headline)
+KIND_HEADINGS = {"measured-raw": "MEASURED (raw)", "measured-corrected": "MEASURED (speed-corrected)",
+                 "predicted": "PREDICTED"}
+
+# what each kind means, for a report's or export's reader
+KIND_NOTES = {"measured-raw": "the clock's median of the timed repeats, not corrected for the machine's speed",
+              "measured-corrected": "seconds at this machine's reference speed: each timed repeat scaled by the "
+                                    "machine's speed at that moment (sqa_search.speed.probe); the raw medians are "
+                                    "kept beside them",
+              "predicted": "the cost model's estimate (roofline) for a hardware profile, not a measurement"}
+
+
+def latency_label(kind: str, where: str) -> str:
+    """What a figure is, in words: 'measured on X, raw', 'measured on X, speed-corrected',
+    'predicted for Y'. The one place these words are made (`Latency.label`, a study's stored
+    ``latency_source``)."""
+    if kind not in LATENCY_KINDS:
+        raise _fail("kind", kind, f"one of {', '.join(LATENCY_KINDS)}")
+    verb = "predicted for" if kind == "predicted" else "measured on"
+    return f"{verb} {where}{_KIND_SUFFIX[kind]}"
+
+
+def latency_kind(latencies) -> str | None:
+    """The kind a set of figures shares; "a + b" when they differ (a table that mixes them says
+    so), None when there are none."""
+    kinds = sorted({lat.kind for lat in latencies})
+    return " + ".join(kinds) if kinds else None
 
 
 class WorkloadError(UserError):
@@ -109,12 +139,9 @@ class Latency:
 
     @property
     def label(self) -> str:
-        """What the figure is, in words: 'measured on X', 'measured on X, speed-corrected',
+        """What the figure is, in words: 'measured on X, raw', 'measured on X, speed-corrected',
         'predicted for Y'."""
-        if self.kind == "predicted":
-            return f"predicted for {self.where}"
-        suffix = ", speed-corrected" if self.kind == "measured-corrected" else ""
-        return f"measured on {self.where}{suffix}"
+        return latency_label(self.kind, self.where)
 
     def to_dict(self) -> dict:
         data = asdict(self)
