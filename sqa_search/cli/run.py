@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     # optuna, pandas and ray load here, once the command runs, so `sqa-search run --help` is instant
-    from ..search.report import front_columns, pareto_table, write_report
+    from ..search.report import front_columns, pareto_table, study_latency_kind, write_report
     from ..search.storage import StudyError
 
     if args.backend == "ray":
@@ -53,7 +53,7 @@ def run(args) -> int:
     write_report(handle)
     frame, front, hv = pareto_table(handle)
     print(f"\nPareto front of {handle.space.name} (hypervolume {hv:.4g}; latency "
-          f"{'measured' if handle.space.target.measured else 'PREDICTED'}):")
+          f"{study_latency_kind(handle) or 'none yet'}):")
     print(front_columns(front, handle.space).to_string(index=False) if not front.empty else "(no complete trial)")
     print(f"\nreport: {handle.directory / 'report.md'}")
     return 0
