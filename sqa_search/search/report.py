@@ -15,7 +15,8 @@ import numpy as np
 from .._figures import fit_text, save
 from .pareto import hypervolume_history, non_dominated_mask, reference_point
 from .recovery import INTERRUPTED, is_interrupted
-from .records import TrialRecord, from_trial
+from .records import TrialRecord, from_trial, read_records
+from .samplers import distinct_configurations
 from .space import SEARCH_PARAMS
 
 __all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "front_figure",
@@ -229,7 +230,8 @@ def write_report(handle, out: Path | None = None) -> dict:
         f"Target: {t.hardware}, {t.mode}, {t.dtype}, batch {t.batch}, N={list(t.seq_len)}, timing the {t.what}. "
         f"Latency is {'measured on this machine' if t.measured else 'PREDICTED by the cost model'}.",
         f"Trials: {len(frame)} ({(frame.state == 'COMPLETE').sum()} complete, {(frame.state == 'PRUNED').sum()} pruned, "
-        f"{len(failed)} failed). Hypervolume (quality x latency): {hv:.4g}.",
+        f"{len(failed)} failed; {distinct_configurations(read_records(handle.study))} distinct configurations "
+        f"evaluated). Hypervolume (quality x latency): {hv:.4g}.",
         "",
         "## Pareto front",
         "",
