@@ -140,3 +140,17 @@ def test_other_samplers_never_count_the_space_as_exhausted(tmp_path, sampler):
                                                   distributions=distributions))
     assert not unevaluated_candidates(study, space)
     assert not space_exhausted(study, space)
+
+
+def test_single_objective_study_constrained_mode_explores_too():
+    """Constrained mode optimises quality alone: the model scores by improvement over the best."""
+    space = _space(sampler="explore")
+    study = optuna.create_study(direction="minimize", sampler=ExploreSampler(space, seed=0))
+    seen = set()
+    for _ in space.candidates():
+        trial = study.ask()
+        params = space.suggest_params(trial)
+        assert params_key(params) not in seen
+        seen.add(params_key(params))
+        study.tell(trial, _values(params)[0])
+    assert space_exhausted(study, space)
