@@ -290,6 +290,21 @@ def _stored_count(db: Path) -> int:
 
 
 @pytest.mark.slow
+def test_ray_explores_only_unevaluated_valid_configurations_and_stops_when_exhausted(tmp_path):
+    """sampler: explore through OptunaSearch: every Ray trial is a new valid configuration (the
+    space has 6, kv must divide q), and asking for 8 ends cleanly at 6, no error."""
+    path = _space_file(tmp_path, name="explore", study={"sampler": "explore", "trials": 8})
+    handle = run_ray_study(path, studies_dir=tmp_path / "studies", num_cpus=2, max_concurrent=2, progress=False)
+    assert not ray.is_initialized()
+    study = handle.study
+    assert finished_count(study) == len(study.trials) == 6
+    assert all(t.state == TrialState.COMPLETE and RAY_ATTR in t.user_attrs for t in study.trials)
+    keys = [t.user_attrs["spec_key"] for t in study.trials]
+    assert len(set(keys)) == 6
+    assert not any("duplicate_of" in t.user_attrs for t in study.trials)
+
+
+@pytest.mark.slow
 def test_killed_ray_study_resumes_without_losing_or_recomputing_finished_trials(tmp_path):
     path = _space_file(tmp_path, name="killme", study={"trials": 5})
     studies = tmp_path / "studies"

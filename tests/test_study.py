@@ -259,3 +259,24 @@ def test_a_trial_that_crashes_is_a_failure_with_its_reason_not_an_interruption(t
     assert failed[0].user_attrs["fail_reason"] == "error: RuntimeError: boom in the objective"
     assert not is_interrupted(failed[0])
     assert study_module.recover_interrupted(study, requeue_failed=True) == 0
+
+
+@pytest.mark.slow
+def test_explore_spends_no_trial_on_repeats_or_forbidden_configurations_and_stops_when_exhausted(tmp_path, capsys):
+    """sampler: explore on a space of 6 valid candidates (kv must divide q) asked for 8 trials:
+    every trial evaluates a new valid configuration, and the study ends cleanly at 6."""
+    path = _space_file(tmp_path, name="explore", constraints={"kv_divides_q": True},
+                       study={"sampler": "explore", "trials": 8})
+    handle = run_study(path, studies_dir=tmp_path / "studies", progress=True)
+    study = handle.study
+    assert "the space is exhausted" in capsys.readouterr().out
+    assert finished_count(study) == 6
+    assert not study.get_trials(states=(TrialState.PRUNED, TrialState.FAIL))
+    keys = _complete_keys(study)
+    assert len(keys) == 6 and len(set(keys)) == 6
+    assert all("duplicate_of" not in t.user_attrs for t in study.trials)
+    write_report(handle)
+    assert "6 distinct configurations evaluated" in (handle.directory / "report.md").read_text()
+    # the same command again does nothing more (and does not fail)
+    again = run_study(path, studies_dir=tmp_path / "studies", progress=False)
+    assert len(again.study.trials) == 6

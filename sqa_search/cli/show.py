@@ -16,7 +16,9 @@ def run(args) -> int:
     # pandas and optuna load here, once the command runs, so `sqa-search show --help` is instant
     import pandas as pd
 
+    from ..search.records import read_records
     from ..search.report import front_columns, pareto_table, write_report
+    from ..search.samplers import distinct_configurations
     from ..search.studies import open_study
 
     handle = open_study(args.study)
@@ -26,6 +28,7 @@ def run(args) -> int:
             print(frame.drop(columns=["datetime_start"]).to_string(index=False))
             print()
         print(f"Pareto set of {handle.space.name} ({(frame.state == 'COMPLETE').sum()} complete trials, "
+              f"{distinct_configurations(read_records(handle.study))} distinct configurations evaluated, "
               f"hypervolume {hv:.4g}):")
         print(front_columns(front, handle.space).to_string(index=False) if not front.empty else "(no complete trial)")
     written = write_report(handle, Path(args.out) if args.out else None)

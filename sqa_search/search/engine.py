@@ -46,6 +46,7 @@ from .records import (
     store_owner,
 )
 from .recovery import INTERRUPTED, finished_count, is_interrupted, recover_interrupted, waiting_reruns
+from .samplers import space_exhausted
 from .space import (SearchSpace, candidate_key, load_space, params_of, replicates_of, space_from_dict,
                     train_config_from)
 from .storage import StudyError
@@ -234,6 +235,8 @@ def optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) -
             recover_interrupted(study)
             if finished_count(study) >= target and not waiting_reruns(study):
                 break
+            if space_exhausted(study, handle.space):  # every valid configuration evaluated: no repeats
+                break
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
             if bar is not None:
                 bar.n = finished_count(study)
@@ -314,4 +317,7 @@ def run_study(
         if not run_processes(worker_main, (payload, str(studies_dir), handle.storage_url, target, cache_dir),
                              workers, progress):
             optimize(handle, target, progress=False, cache_dir=cache_dir)  # finish what the dead ones left
+    if progress and finished_count(handle.study) < target and space_exhausted(handle.study, handle.space):
+        print(f"the space is exhausted: every one of its {len(space.candidates())} valid configurations is "
+              f"evaluated, so the study stops at {finished_count(handle.study)} of {target} trials")
     return handle

@@ -54,7 +54,7 @@ from ray.tune.search.optuna import OptunaSearch
 from .engine import load_run_space
 from .records import FAIL_REASON, anchor_attrs, from_trial, spec_attrs
 from .recovery import finished_count
-from .samplers import make_sampler
+from .samplers import make_sampler, space_exhausted
 from .space import SearchSpace, candidate_key, params_of
 from .storage import StudyError
 from .studies import DEFAULT_STUDIES_DIR, StudyHandle, open_study_storage, prepare_study
@@ -207,6 +207,8 @@ class StudySearch(OptunaSearch):
         study = _study(self._sqa_storage, self._sqa_space.name)
         in_flight = len(set(self._ot_trials) - self._completed_trials)
         if finished_count(study) + in_flight >= self._sqa_target:
+            return Searcher.FINISHED
+        if space_exhausted(self._ot_study, self._sqa_space):  # every valid configuration taken: no repeats
             return Searcher.FINISHED
         config = super().suggest(trial_id)
         if config is None:
@@ -416,7 +418,7 @@ def run_ray_study(
         try:
             _resume_last(handle, ray_dir, experiments, resources, target, progress)
             remaining = target - finished_count(handle.study)
-            if remaining > 0:
+            if remaining > 0 and not space_exhausted(handle.study, space):
                 _run_new(handle, ray_dir, experiments, remaining, resources, concurrency, max_retries, target,
                          progress)
         finally:
@@ -488,7 +490,8 @@ def _fit(tuner, handle: StudyHandle, target: int, fresh: bool) -> None:
     grid = tuner.fit()
     unfinished = len(grid) - grid.num_terminated - grid.num_errors
     # a fresh experiment ends with the study complete unless it was stopped early
-    if unfinished > 0 or (fresh and finished_count(handle.study) < target):
+    short = finished_count(handle.study) < target and not space_exhausted(handle.study, handle.space)
+    if unfinished > 0 or (fresh and short):
         raise StudyError(f"the Ray study {handle.space.name!r} was interrupted with {finished_count(handle.study)} "
                          f"of {target} trials stored in {handle.storage_url}; run the same command again to "
                          f"resume it")

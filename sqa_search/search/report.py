@@ -24,7 +24,8 @@ from .pareto import (IQR_PER_SD, dominated_beyond_noise, group_names, hypervolum
                      non_dominated_mask, reference_point)
 from ..speed.workload import KIND_NOTES, latency_kind
 from .recovery import INTERRUPTED, is_interrupted
-from .records import TrialRecord, from_trial
+from .records import TrialRecord, from_trial, read_records
+from .samplers import distinct_configurations
 from .space import SEARCH_PARAMS
 
 __all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "front_figure",
@@ -415,7 +416,8 @@ def write_report(handle, out: Path | None = None) -> dict:
         f"Latency is {'measured on this machine' if t.measured else 'PREDICTED by the cost model'}"
         f"{_kind_note(study_latency_kind(handle))}.",
         f"Trials: {len(frame)} ({(frame.state == 'COMPLETE').sum()} complete, {(frame.state == 'PRUNED').sum()} pruned, "
-        f"{len(failed)} failed). Hypervolume (quality x latency): {hv:.4g}.",
+        f"{len(failed)} failed; {distinct_configurations(read_records(handle.study))} distinct configurations "
+        f"evaluated). Hypervolume (quality x latency): {hv:.4g}.",
         "",
         "## Pareto front",
         "",

@@ -39,7 +39,9 @@ objectives:
   memory: false                  # true: peak memory of the timed step (measured, or predicted by the cost model)
 study:
   mode: pareto                   # pareto (multi-objective) | constrained (min quality s.t. budgets; prunes)
-  sampler: tpe                   # tpe | nsga2 | gp | random (measured: see README)
+  sampler: auto                  # auto | explore | tpe | nsga2 | gp | random (measured: see README). explore:
+                                 # only unevaluated valid candidates, most promising first (search/samplers.py);
+                                 # auto: explore up to 300 valid candidates, tpe above
   seed: 0
   trials: 20
 training:                        # sqa_search.quality.train.TrainConfig fields, e.g.
@@ -86,7 +88,7 @@ def params_of(spec: AttentionSpec) -> dict:
 DTYPES = ("float32", "bfloat16", "float16")
 QUALITIES = ("val_loss", "mqar_accuracy")
 STUDY_MODES = ("pareto", "constrained")
-SAMPLERS = ("nsga2", "tpe", "gp", "random")
+SAMPLERS = ("auto", "explore", "nsga2", "tpe", "gp", "random")
 
 
 def default_dtype(device_type: str) -> str:
@@ -165,7 +167,7 @@ class ObjectiveSection:
 @dataclass(frozen=True)
 class StudySection:
     mode: str = "pareto"
-    sampler: str = "tpe"
+    sampler: str = "auto"
     seed: int | None = 0
     trials: int = 20
 
@@ -431,7 +433,7 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
 
     st = top.section("study")
     st.check_unknown([f.name for f in dataclasses.fields(StudySection)])
-    study = StudySection(mode=st.choice("mode", "pareto", STUDY_MODES), sampler=st.choice("sampler", "tpe", SAMPLERS),
+    study = StudySection(mode=st.choice("mode", "pareto", STUDY_MODES), sampler=st.choice("sampler", "auto", SAMPLERS),
                          seed=st.int("seed", 0, low=0, optional=True), trials=st.int("trials", 20))
     if study.mode == "constrained" and constraints.max_latency_s is None and constraints.max_kv_cache_bytes is None:
         raise st.error("mode", "constrained", "needs constraints.max_latency_s and/or constraints.max_kv_cache_bytes")
