@@ -138,10 +138,6 @@ class MachineReference:
     probe_version: int = PROBE_VERSION
     clock: str | None = "wall"  # the clock it was taken with; None in files written before it was stored
 
-    @property
-    def measured_when(self) -> str:
-        return time.strftime("%Y-%m-%d %H:%M", time.localtime(self.measured_at))
-
 
 def _reference_path(cache_dir: Path, fp_id: str, threads: int, kind: str, clock: str) -> Path:
     """The wall clock keeps the name references always had; another clock has its own file."""
