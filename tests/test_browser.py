@@ -148,5 +148,5 @@ def test_pareto_html_text_fits_the_window(study, offline, tmp_path):
     checked = report["checked"]
     assert len(checked) > 10, checked  # it saw the plot's texts: title, axes, ticks, the front's labels, legend
     assert report["outside"] == []
-    assert study.space.name in checked and "val_loss vs latency (prefill, measured)" in checked
+    assert study.space.name in checked and "val_loss vs latency (prefill, measured-raw)" in checked
     assert "MHA 8q/8kv" in checked and any(t.startswith("latency s") for t in checked)
