@@ -1,7 +1,7 @@
 """`sqa-search bench`'s work: the SQA paper's Table 3 (seconds per step, per variant, per N) for any hardware.
 
 Measured on this machine by default, or predicted for a named hardware profile with
-``--hardware`` (no GPU needed), both through the one latency source (`sqa_search.speed.source`).
+``--hardware`` (no GPU needed), both through one latency source (`sqa_search.speed.source`).
 The two are never mixed and never confusable: the table title, the CSV column ``source`` and the
 plot title all say "measured" or "predicted (profile P, calibration C)", and what a measured figure
 is: ``measured-corrected`` (CPU default: seconds at the machine's reference speed, see

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..common import resolve_device_name
 from ..errors import UserError
+
 
 __all__ = ["TimingError", "parse_dtype", "resolve_device"]
 
@@ -43,9 +45,7 @@ def parse_dtype(dtype) -> tuple[str, torch.dtype]:
 
 def resolve_device(device) -> torch.device:
     """'auto' -> cuda if available else cpu; 'cuda' -> 'cuda:<current>'; checks availability."""
-    text = str(device).lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
+    text = resolve_device_name(str(device).lower())
     try:
         dev = torch.device(text)
     except RuntimeError as exc:

@@ -1,4 +1,6 @@
-"""The one latency source: measured here by the timing harness, or predicted for a hardware profile.
+"""A latency source for a grid of specs and workloads (what `bench` sweeps): measured here by the
+timing harness, or predicted for a hardware profile. The study and `recommend` call `time_spec` /
+`predict` directly: a study stores its own timing rows, and `recommend` never times anything.
 
 ``latency_source("local", **options)`` measures with `sqa_search.speed.timing` (options are
 `time_spec`'s: budget_s, cache_dir, speed_correction, ...); ``latency_source("h100-sxm")`` predicts
