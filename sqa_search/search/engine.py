@@ -161,6 +161,11 @@ class TrialObjective:
     def _latency(self, trial, spec: AttentionSpec) -> tuple[float, str]:
         t = self.space.target
         total, records, fingerprint = 0.0, [], None
+        if not t.measured:
+            from ..speed.cost import predict
+            from ..speed.hardware import load_profile
+
+            profile = load_profile(t.hardware)  # once per trial, not once per sequence length
         for n in t.seq_len:
             workload = self.space.workload(n)
             if t.measured:
@@ -179,10 +184,7 @@ class TrialObjective:
                 source = latency_label(result.latency.kind, result.fingerprint.device_name or result.device)
                 fingerprint = result.fingerprint
             else:
-                from ..speed.cost import predict
-                from ..speed.hardware import load_profile
-
-                pred = predict(spec, load_profile(t.hardware), workload)
+                pred = predict(spec, profile, workload)
                 records.append({"seq_len": n, "predicted_s": pred.seconds, "bound": pred.bound,
                                 "peak_mem_bytes": pred.peak_memory_bytes})
                 total += pred.seconds
