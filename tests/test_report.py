@@ -103,7 +103,8 @@ def test_the_front_table_carries_the_noise_and_names_the_groups(noisy, tmp_path)
 
     shown = front_columns(front, noisy.space).set_index("label")
     assert shown.loc["SQA 4q/2kv", "quality (± SE)"] == "2.3300 ± 0.005 (SE, 4 seeds)"
-    assert shown.loc["xSQA 2q/2kv", "quality (± SE)"] == "2.5000 (1 seed, no SE)"
+    # one seed: the study's pooled seed sd stands in, labelled so (sd of the 4-seed values: 0.0082)
+    assert shown.loc["xSQA 2q/2kv", "quality (± SE)"] == "2.5000 ± 0.0082 (pooled seed sd, 1 seed)"
     assert shown.loc["SQA 4q/2kv", "latency (IQR)"] == "47.740 ms, IQR 1.700 ms"
     assert shown.loc["sSQA 4q/4kv", "beyond noise"] == "no: SQA 4q/2kv beats it"
 
@@ -117,7 +118,7 @@ def test_the_front_table_carries_the_noise_and_names_the_groups(noisy, tmp_path)
                    "MHA 8q/8kv is on the exact front only by differences within noise: GQA 8q/2kv beats it",
                    "Group C cannot be told apart: SQA 4q/2kv, MQA 8q/1kv",
                    "Within noise of the front, though not on it: MQA 8q/1kv (group C)",
-                   "1 front point(s) have one seed", "2.3300 ± 0.005 (SE, 4 seeds)", "IQR 1.700 ms"):
+                   "1 front point(s) have one seed: their ± is the study's pooled seed sd", "2.3300 ± 0.005 (SE, 4 seeds)", "IQR 1.700 ms"):
         assert needle in report, needle
 
 
@@ -131,7 +132,8 @@ def test_the_plots_draw_error_bars(noisy, tmp_path):
     widths = [seg[1][0] - seg[0][0] for seg in x_bars.get_segments()]
     heights = [seg[1][1] - seg[0][1] for seg in y_bars.get_segments()]
     assert widths == pytest.approx([IQR] * 5)  # the bar spans the IQR
-    assert heights == pytest.approx([0, 0.02, 0.02, 0.02, 0.04])  # +-2 SE (SEs 0.005, 0.01); none with one seed
+    # +-2 SE (SEs 0.005, 0.01); the one-seed point +-2 pooled seed sd (0.00816), spans of 4 noise scales
+    assert heights == pytest.approx([0.0327, 0.02, 0.02, 0.02, 0.04], abs=1e-4)
     labels = {t.get_text() for t in ax.texts}
     assert {"SQA 4q/2kv (C)", "MQA 8q/1kv (C)", "MHA 8q/8kv"} <= labels  # a shared group is named on the plot
 
@@ -139,7 +141,7 @@ def test_the_plots_draw_error_bars(noisy, tmp_path):
     page = (tmp_path / "pareto.html").read_text()
     traces = json.loads(re.search(r"Plotly\.newPlot\(\s*\"[^\"]+\",\s*(\[.*?\]),\s*\{", page, re.S).group(1))
     drawn = next(t for t in traces if t["name"] == "Pareto front")
-    assert drawn["error_y"]["array"] == pytest.approx([0, 0.01, 0.01, 0.01, 0.02])  # half-widths: 2 SE
+    assert drawn["error_y"]["array"] == pytest.approx([0.01633, 0.01, 0.01, 0.01, 0.02], abs=1e-4)  # half-widths: 2 SE
     assert drawn["error_x"]["array"] == pytest.approx([IQR / 2] * 5)
     assert drawn["error_x"]["color"] == drawn["error_y"]["color"] == FRONT_COLOUR
     assert any("2.3300 ± 0.005 (SE, 4 seeds)" in t for t in drawn["hovertext"])

@@ -55,5 +55,10 @@ def run(args) -> int:
     print(f"\nPareto front of {handle.space.name} (hypervolume {hv:.4g}; latency "
           f"{study_latency_kind(handle) or 'none yet'}):")
     print(front_columns(front, handle.space).to_string(index=False) if not front.empty else "(no complete trial)")
+    if handle.space.study.halving is not None:
+        from ..search.halving import halving_summary
+        from ..search.records import read_records
+
+        print(halving_summary(read_records(handle.study), handle.space))
     print(f"\nreport: {handle.directory / 'report.md'}")
     return 0

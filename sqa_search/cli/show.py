@@ -16,6 +16,7 @@ def run(args) -> int:
     # pandas and optuna load here, once the command runs, so `sqa-search show --help` is instant
     import pandas as pd
 
+    from ..search.halving import halving_summary
     from ..search.records import read_records
     from ..search.report import front_columns, pareto_table, write_report
     from ..search.samplers import distinct_configurations
@@ -30,6 +31,8 @@ def run(args) -> int:
         print(f"Pareto set of {handle.space.name} ({(frame.state == 'COMPLETE').sum()} complete trials, "
               f"{distinct_configurations(read_records(handle.study))} distinct configurations evaluated, "
               f"hypervolume {hv:.4g}):")
+        if handle.space.study.halving is not None:
+            print(halving_summary(read_records(handle.study), handle.space))
         print(front_columns(front, handle.space).to_string(index=False) if not front.empty else "(no complete trial)")
     written = write_report(handle, Path(args.out) if args.out else None)
     print(f"\nwritten: {', '.join(str(p) for k, v in written.items() for p in (v if isinstance(v, list) else [v]))}")

@@ -10,8 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..layer.spec import AttentionSpec, SpecError
-from ..search.records import TrialRecord, read_records
-from ..search.space import candidate_key
+from ..search.records import TrialRecord, current_records, read_records
 from ..speed.hardware import Fingerprint
 from .objectives import ObjectiveFigure, objective_figures
 
@@ -63,17 +62,11 @@ class CandidateRow:
 
 
 def study_rows(handle) -> list[CandidateRow]:
-    """A study's complete trials, one per distinct spec (the lowest trial number)."""
+    """A study's complete trials, one per distinct spec: its current result (`current_records`)."""
     space = handle.space
     quality = space.objectives.quality
-    rows, seen = [], set()
-    for rec in read_records(handle.study):
-        if not rec.complete or rec.spec is None:
-            continue
-        key = candidate_key(rec.spec)
-        if key in seen:
-            continue
-        seen.add(key)
+    rows = []
+    for rec in current_records(read_records(handle.study)):
         value = rec.quality
         if value is not None and not math.isfinite(value):
             value = None

@@ -8,8 +8,7 @@ from __future__ import annotations
 import math
 
 from ..search.pareto import knee_point
-from ..search.records import TrialRecord, read_records
-from ..search.space import candidate_key
+from ..search.records import TrialRecord, current_records, read_records
 from .errors import ExportError
 from .parse import parse_pick
 
@@ -24,19 +23,11 @@ def trial_summary(records: list[TrialRecord]) -> str:
 
 
 def complete_records(records: list[TrialRecord]) -> list[TrialRecord]:
-    """Complete trials with finite quality and latency, one per distinct spec (lowest number)."""
-    rows, seen = [], set()
-    for r in records:
-        if not r.complete or r.spec is None or r.quality is None or r.latency_s is None:
-            continue
-        if not (math.isfinite(r.quality) and math.isfinite(r.latency_s)):
-            continue
-        key = candidate_key(r.spec)
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append(r)
-    return rows
+    """Complete trials with finite quality and latency, one per distinct spec: its current result
+    (`current_records`: the most seeds, a halving promotion over the trial it extends)."""
+    return [r for r in current_records(records)
+            if r.quality is not None and r.latency_s is not None
+            and math.isfinite(r.quality) and math.isfinite(r.latency_s)]
 
 
 def _by_number(handle, records: list[TrialRecord], number: int) -> tuple[TrialRecord, str]:

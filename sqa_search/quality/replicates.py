@@ -28,7 +28,7 @@ from .result import TrainResult
 from .tokens import TokenData
 from .train import resolve_data, train_spec
 
-__all__ = ["Replicates", "train_replicates", "mean_and_se", "replicate_seeds", "METRICS"]
+__all__ = ["Replicates", "train_replicates", "mean_and_se", "replicate_seeds", "METRICS", "combined_summary"]
 
 # the quality metrics a replicate set averages (TrainResult fields)
 METRICS = ("val_loss", "val_ppl", "val_acc", "mqar_accuracy", "mqar_loss", "train_loss", "mqar_train_loss")
@@ -119,6 +119,23 @@ class Replicates:
         combined["per_seed"] = [{"seed": s["seed"], self.metric: s.get(self.metric), "status": s["status"],
                                  "wall_s": s.get("wall_s")} for s in summaries]
         return combined
+
+
+def combined_summary(earlier: dict, later: dict) -> dict:
+    """Two `Replicates.summary()`s of one candidate (a promotion's new seeds after its earlier
+    ones) as one: metrics averaged over every seed, costs summed, seeds and per-seed rows joined."""
+    n_a, n_b = int(earlier.get("replicates") or 1), int(later.get("replicates") or 1)
+    combined = dict(later)
+    for name in METRICS:
+        a, b = earlier.get(name), later.get(name)
+        if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)):
+            combined[name] = (a * n_a + b * n_b) / (n_a + n_b)
+    for name in _SUMMED:
+        combined[name] = (earlier.get(name) or 0.0) + (later.get(name) or 0.0)
+    combined["replicates"] = n_a + n_b
+    combined["seeds"] = list(earlier.get("seeds") or []) + list(later.get("seeds") or [])
+    combined["per_seed"] = list(earlier.get("per_seed") or []) + list(later.get("per_seed") or [])
+    return combined
 
 
 def train_replicates(

@@ -5,6 +5,8 @@ made from (``space.yaml``), its storage (SQLite by default, a journal file when 
 processes share a host, or any Optuna storage URL), and the results and report `sqa-search run`
 writes at the end. Each trial times one `AttentionSpec` on the target (speed) and trains the proxy
 model briefly (quality). Running the same command again resumes the study; more trials extend it.
+With ``study.halving`` the trials are followed by rungs of promotions (more seeds for the candidates
+that may be on the front, `search/halving.py`), queued here and drained by the same workers.
 
 Fault handling, because a lost hour of trials is the worst thing a tuner can do:
 * a trial that fails (exception, NaN, out of memory) is recorded as FAIL with its reason in the
@@ -35,22 +37,29 @@ from .pareto import non_dominated_mask
 from .records import (
     TrialRecord,
     anchor_attrs,
+    carried_replicates,
     from_trial,
     record_duplicate,
     record_failure,
     record_latency,
+    record_promotion_start,
     record_prune,
     record_replicates,
     record_spec,
     record_training,
+    record_training_runs,
+    read_records,
     store_owner,
 )
-from .recovery import INTERRUPTED, finished_count, is_interrupted, recover_interrupted, waiting_reruns
+from .halving import check_halving_budget, check_runs_left, pending_promotions, plan_promotions, runs_spent
+from .recovery import (INTERRUPTED, finished_count, is_interrupted, recover_interrupted, waiting_promotions,
+                       waiting_reruns)
 from .samplers import space_exhausted
 from .space import (SearchSpace, candidate_key, load_space, params_of, replicates_of, space_from_dict,
                     train_config_from)
 from .storage import StudyError
-from .studies import DEFAULT_STUDIES_DIR, StudyHandle, open_study, open_study_storage, prepare_study, running_study, study_dir_for
+from .studies import (DEFAULT_STUDIES_DIR, StudyHandle, open_study, open_study_storage, prepare_study, running_study,
+                      store_study_settings, study_dir_for)
 from .workers import run_processes
 
 __all__ = ["run_study", "open_study", "StudyError", "StudyHandle", "study_dir_for", "finished_count",
@@ -117,6 +126,9 @@ class TrialObjective:
         reason = self.space.violation(spec)
         if reason:
             self._reject(trial, f"invalid combination: {reason}")
+        promotion = from_trial(trial).promotion
+        if promotion is not None:  # more seeds for a configuration already evaluated
+            return self._promote(trial, spec, promotion)
 
         earlier = earlier_result(trial, candidate_key(spec))
         if earlier is not None:  # the sampler proposed a spec already evaluated: reuse it
@@ -132,16 +144,34 @@ class TrialObjective:
                 record_prune(trial, f"latency {latency:.4g} s ({source}) > max_latency_s {budget:.4g} s")
                 raise optuna.TrialPruned(f"latency {latency:.4g} s over budget {budget:.4g} s")
 
-        quality = self._train(trial, spec)
-        if self.space.study.mode != "pareto":
-            return quality
-        # every objective in use, read back from what the trial recorded
+        self._train(trial, spec)
+        return self._values(trial)
+
+    def _values(self, trial):
+        """The trial's objective values, read back from what it recorded."""
         record = from_trial(trial)
+        if self.space.study.mode != "pareto":
+            return record.quality
         values = {objective.name: objective.value(record) for objective in self.space.objectives_in_use()}
         missing = [name for name, value in values.items() if value is None]
         if missing:  # e.g. peak memory where the platform cannot measure it
             self._fail(trial, f"no value for the objective(s) {', '.join(missing)}")
         return list(values.values())
+
+    def _promote(self, trial, spec: AttentionSpec, promotion: dict):
+        """A halving promotion (search/halving.py): the earlier trial's speed figures, its seeds'
+        losses and the new seeds', their mean and standard error over all of them."""
+        from ..quality.replicates import combined_summary, mean_and_se
+
+        record_promotion_start(trial, promotion)
+        earlier_values, earlier_seeds, earlier_train = carried_replicates(promotion)
+        result = self._train_seeds(trial, spec, list(promotion["new_seeds"]), callback=None)
+        values = earlier_values + result.values
+        seeds = earlier_seeds + result.seeds
+        mean, se = mean_and_se(values)
+        record_training(trial, combined_summary(earlier_train, result.summary()))
+        record_replicates(trial, values, seeds, mean, se)
+        return self._values(trial)
 
     def _fail(self, trial, reason: str):
         record_failure(trial, reason)
@@ -195,7 +225,7 @@ class TrialObjective:
     def _train(self, trial, spec: AttentionSpec) -> float:
         """Train the candidate once per replicate seed (training.seed, + 1, ...); its quality is the
         mean, stored with its standard error and the per-seed values. A failed seed fails the trial."""
-        from ..quality.replicates import replicate_seeds, train_replicates  # torch: loaded when the first trial trains
+        from ..quality.replicates import replicate_seeds  # torch: loaded when the first trial trains
 
         config = train_config_from(self.space.training, self.space.objectives.quality)
         constrained = self.space.study.mode == "constrained"
@@ -209,44 +239,83 @@ class TrialObjective:
                     record_prune(trial, f"val_loss {value:.4f} at step {step} below the median")
                     raise optuna.TrialPruned()
 
-        m = self.space.model
         seeds = replicate_seeds(config.seed, replicates_of(self.space.training))
-        result = train_replicates(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, seeds, metric=metric,
-                                  callback=report, progress=self.progress)
+        result = self._train_seeds(trial, spec, seeds, callback=report)
         record_training(trial, result.summary())
-        if not result.ok:
-            self._fail(trial, f"training {result.status}: {result.reason}")
         record_replicates(trial, result.values, result.seeds, result.mean, result.se)
         return float(result.mean)
+
+    def _train_seeds(self, trial, spec: AttentionSpec, seeds: list[int], callback):
+        """Train ``spec`` once per seed; what it cost is recorded, and a failed seed fails the trial."""
+        from ..quality.replicates import train_replicates  # torch: loaded when the first trial trains
+
+        config = train_config_from(self.space.training, self.space.objectives.quality)
+        m = self.space.model
+        result = train_replicates(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, seeds,
+                                  metric=self.space.objectives.quality, callback=callback, progress=self.progress)
+        record_training_runs(trial, len(result.results))
+        if not result.ok:
+            record_training(trial, result.summary())
+            self._fail(trial, f"training {result.status}: {result.reason}")
+        return result
 
 
 # ----- running ------------------------------------------------------------------------------------
 def optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) -> None:
-    """Run trials in this process until the study has `target` finished trials."""
+    """Run trials in this process until the study has `target` finished trials and nothing queued
+    (re-runs, halving promotions) is left."""
     study = handle.study
     objective = TrialObjective(handle.space, progress=False, cache_dir=cache_dir)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm  # only with a progress bar
-
-        bar = tqdm(total=target, initial=finished_count(study), desc=f"study {handle.space.name}", unit="trial")
+    bar = _progress_bar(handle, target) if progress else None
     try:
         # a worker beside this one may have died mid-trial: its configuration is re-run first, and
         # a re-run is never skipped for the budget (an interrupted trial is no result)
         while True:
             recover_interrupted(study)
-            if finished_count(study) >= target and not waiting_reruns(study):
+            queued = waiting_reruns(study) or waiting_promotions(study)
+            if finished_count(study) >= target and not queued:
                 break
             if space_exhausted(study, handle.space):  # every valid configuration evaluated: no repeats
                 break
             study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
             if bar is not None:
-                bar.n = finished_count(study)
+                bar.n = _progress_done(handle)
                 bar.set_postfix_str(_progress_summary(handle), refresh=False)
                 bar.refresh()
     finally:
         if bar is not None:
             bar.close()
+
+
+def _progress_bar(handle: StudyHandle, target: int):
+    """Trials of the target; with halving, training runs of its budget (promotions are runs too)."""
+    from tqdm.auto import tqdm  # only with a progress bar
+
+    halving = handle.space.study.halving
+    if halving is not None:
+        return tqdm(total=halving.budget, initial=_progress_done(handle), unit="run",
+                    desc=f"study {handle.space.name} (training runs)")
+    return tqdm(total=target, initial=finished_count(handle.study), desc=f"study {handle.space.name}", unit="trial")
+
+
+def _progress_done(handle: StudyHandle) -> int:
+    if handle.space.study.halving is not None:
+        return runs_spent(read_records(handle.study))
+    return finished_count(handle.study)
+
+
+def queue_promotions(handle: StudyHandle, progress: bool) -> int:
+    """Plan the next halving rung's promotions (search/halving.py) and queue them; how many."""
+    settings = handle.space.study.halving
+    if settings is None:
+        return 0
+    plan = plan_promotions(read_records(handle.study), handle.space, settings, pending_promotions(handle.study))
+    for promotion in plan:
+        handle.study.enqueue_trial(promotion.params, user_attrs=promotion.attrs(), skip_if_exists=False)
+    if plan and progress:
+        print(f"successive halving: {len(plan)} candidate(s) to rung {plan[0].rung}: "
+              + "; ".join(p.describe() for p in plan))
+    return len(plan)
 
 
 def _progress_summary(handle: StudyHandle) -> str:
@@ -303,8 +372,11 @@ def run_study(
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise StudyError(f"workers={workers!r} is not allowed: must be an integer >= 1")
 
+    check_halving_budget(space, target)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     handle = prepare_study(space, space_path, studies_dir, storage, workers)
+    check_runs_left(read_records(handle.study), space, target - finished_count(handle.study))
+    store_study_settings(handle)
     recovered = recover_interrupted(handle.study, requeue_failed=True)
     if recovered and progress:
         print(f"recovered {recovered} interrupted trial(s): they run again first")
@@ -312,13 +384,15 @@ def run_study(
     if anchors and progress:
         print(f"evaluating the named variants first: {', '.join(anchors)}")
 
-    if workers == 1:
-        optimize(handle, target, progress, cache_dir)
-    else:
-        payload = {"data": raw if raw is not None else space.to_dict(), "source": space.source, "name": space.name}
-        if not run_processes(worker_main, (payload, str(studies_dir), handle.storage_url, target, cache_dir),
-                             workers, progress):
+    payload = {"data": raw if raw is not None else space.to_dict(), "source": space.source, "name": space.name}
+    while True:  # the trials; then, with halving, one rung of promotions at a time until none is left
+        if workers == 1:
+            optimize(handle, target, progress, cache_dir)
+        elif not run_processes(worker_main, (payload, str(studies_dir), handle.storage_url, target, cache_dir),
+                               workers, progress):
             optimize(handle, target, progress=False, cache_dir=cache_dir)  # finish what the dead ones left
+        if not queue_promotions(handle, progress):
+            break
     if progress and finished_count(handle.study) < target and space_exhausted(handle.study, handle.space):
         print(f"the space is exhausted: every one of its {len(space.candidates())} valid configurations is "
               f"evaluated, so the study stops at {finished_count(handle.study)} of {target} trials")

@@ -52,12 +52,13 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .engine import load_run_space
-from .records import FAIL_REASON, anchor_attrs, from_trial, spec_attrs
+from .halving import check_halving_budget, check_runs_left, pending_promotions, plan_promotions
+from .records import FAIL_REASON, anchor_attrs, from_trial, read_records, spec_attrs
 from .recovery import finished_count
 from .samplers import make_sampler, space_exhausted
 from .space import SearchSpace, candidate_key, params_of
 from .storage import StudyError
-from .studies import DEFAULT_STUDIES_DIR, StudyHandle, open_study_storage, prepare_study
+from .studies import DEFAULT_STUDIES_DIR, StudyHandle, open_study_storage, prepare_study, store_study_settings
 from .ray_cluster import (
     DEFAULT_MAX_CONCURRENT,
     TrialResources,
@@ -73,6 +74,7 @@ from .ray_worker import (
     ANCHOR_KEY,
     CONSTRAINTS_KEY,
     PARAM_NAMES,
+    PROMOTE_KEY,
     RAY_ATTR,
     RECORD_KEY,
     REUSE_KEY,
@@ -266,6 +268,22 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+class PromotionSearch(Searcher):
+    """Hands Tune one rung's halving promotions (search/halving.py), each once, then FINISHED."""
+
+    def __init__(self, configs: list[dict]):
+        super().__init__()
+        self._sqa_configs = list(configs)
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the configurations are fixed: nothing to search
+    def suggest(self, trial_id: str):
+        return self._sqa_configs.pop(0) if self._sqa_configs else Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
+        pass  # StudyRecorder stores the result; the next rung is planned from the storage
+
+
 class StudyRecorder(tune.Callback):
     """Writes each finished Ray trial into the study storage, once, from the driver."""
 
@@ -301,6 +319,7 @@ class StudyRecorder(tune.Callback):
         attrs = _spec_attrs(self._sqa_space, params)
         if trial.config.get(ANCHOR_KEY):
             attrs.update(anchor_attrs(trial.config[ANCHOR_KEY]))
+        attrs.update(trial.config.get(PROMOTE_KEY) or {})  # a failed promotion stays one (not a new trial)
         attrs[FAIL_REASON] = reason
         attrs[RAY_ATTR] = {"trial_id": trial.trial_id, "experiment": trial.experiment_dir_name,
                            "node_ip": (trial.last_result or {}).get("node_ip")}
@@ -393,14 +412,17 @@ def run_ray_study(
     trial_resources(space, cpus_per_trial, gpus_per_trial, cluster_gpus=0)  # argument mistakes before Ray starts
     check_address(address)
 
+    check_halving_budget(space, target)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     handle = prepare_study(space, space_path, studies_dir, storage, workers=1)
     if len(handle.study.directions) != len(directions(space)):
         raise StudyError(f"study {space.name!r} was created with {len(handle.study.directions)} objective(s), but "
                          f"study.mode={space.study.mode} asks for {len(directions(space))}: use another --name")
+    check_runs_left(read_records(handle.study), space, target - finished_count(handle.study))
+    store_study_settings(handle)
     ray_dir = (handle.directory / RAY_SUBDIR).resolve()
     experiments = load_experiments(ray_dir)
-    if finished_count(handle.study) >= target:  # nothing to run: do not start Ray
+    if finished_count(handle.study) >= target and not _next_promotions(handle):  # nothing to run: do not start Ray
         if experiments and not experiments[-1]["finished"]:
             experiments[-1]["finished"] = True
             save_experiments(ray_dir, experiments)
@@ -421,6 +443,7 @@ def run_ray_study(
             if remaining > 0 and not space_exhausted(handle.study, space):
                 _run_new(handle, ray_dir, experiments, remaining, resources, concurrency, max_retries, target,
                          progress)
+            _run_promotions(handle, ray_dir, experiments, resources, concurrency, max_retries, target, progress)
         finally:
             if period is None:
                 os.environ.pop("TUNE_GLOBAL_CHECKPOINT_S", None)
@@ -448,9 +471,14 @@ def _print_plan(space: SearchSpace, resources: TrialResources, concurrency: int)
 def _resume_last(handle: StudyHandle, ray_dir: Path, experiments: list[dict], resources: TrialResources,
                  target: int, progress: bool) -> None:
     """Restore the last Ray experiment if it was interrupted (the storage has every stored result,
-    so one that cannot be restored is simply closed)."""
+    so one that cannot be restored is simply closed). An interrupted rung of promotions is closed,
+    not restored: the next rung is planned from the storage, which re-plans what did not finish."""
     last = experiments[-1] if experiments else None
     if not last or last["finished"]:
+        return
+    if last.get("promotions"):
+        last["finished"] = True
+        save_experiments(ray_dir, experiments)
         return
     path = ray_dir / last["name"]
     tuner = None
@@ -482,6 +510,42 @@ def _run_new(handle: StudyHandle, ray_dir: Path, experiments: list[dict], remain
     _fit(tuner, handle, target, fresh=True)
     experiments[-1]["finished"] = True
     save_experiments(ray_dir, experiments)
+
+
+def _next_promotions(handle: StudyHandle) -> list:
+    settings = handle.space.study.halving
+    return plan_promotions(read_records(handle.study), handle.space, settings,
+                           pending_promotions(handle.study)) if settings else []
+
+
+def _run_promotions(handle: StudyHandle, ray_dir: Path, experiments: list[dict], resources: TrialResources,
+                    concurrency: int, max_retries: int, target: int, progress: bool) -> None:
+    """Successive halving on Ray: one Tune experiment per rung of promotions, until none is left."""
+    while plan := _next_promotions(handle):
+        if progress:
+            print(f"successive halving: {len(plan)} to rung {plan[0].rung}: " + "; ".join(p.describe() for p in plan))
+        experiment = f"run-{len(experiments) + 1:03d}"
+        experiments.append({"name": experiment, "trials": len(plan), "finished": False, "restored": 0,
+                            "promotions": True, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        save_experiments(ray_dir, experiments)
+        search = ConcurrencyLimiter(PromotionSearch([{**p.params, PROMOTE_KEY: p.attrs()} for p in plan]),
+                                    max_concurrent=concurrency)
+        tuner = tune.Tuner(
+            _make_trainable(handle.space, resources, handle, None),
+            tune_config=tune.TuneConfig(search_alg=search, num_samples=len(plan), trial_dirname_creator=_trial_dirname,
+                                        reuse_actors=True),
+            run_config=tune.RunConfig(
+                name=experiment, storage_path=str(ray_dir), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=max_retries),
+                callbacks=[StudyRecorder(handle.space, storage_url=handle.storage_url, max_retries=max_retries,
+                                         target=target, progress=progress)]),
+        )
+        grid = tuner.fit()
+        experiments[-1]["finished"] = True
+        save_experiments(ray_dir, experiments)
+        if len(grid) - grid.num_terminated - grid.num_errors > 0:  # Ctrl-C: the storage keeps what finished
+            raise StudyError(f"the Ray study {handle.space.name!r} was interrupted during successive halving; run "
+                             "the same command again to resume it")
 
 
 def _fit(tuner, handle: StudyHandle, target: int, fresh: bool) -> None:

@@ -26,7 +26,7 @@ from .space import SEARCH_PARAMS, SearchSpace, space_from_dict
 
 __all__ = ["evaluate_trial", "ray_result", "metric_names", "directions", "is_number", "space_payload",
            "space_from_payload", "RAY_ATTR", "PARAM_NAMES", "STATE_KEY", "RECORD_KEY", "CONSTRAINTS_KEY",
-           "ALREADY_RECORDED", "ANCHOR_KEY", "REUSE_KEY", "trainable"]
+           "ALREADY_RECORDED", "ANCHOR_KEY", "REUSE_KEY", "PROMOTE_KEY", "trainable"]
 
 PARAM_NAMES = SEARCH_PARAMS
 # The one user attribute a Ray trial has that an Optuna-backend trial has not.
@@ -40,6 +40,7 @@ ALREADY_RECORDED = "recorded"
 # keys the searcher adds to a trial's config (besides the search parameters)
 ANCHOR_KEY = "sqa_anchor"
 REUSE_KEY = "sqa_reuse"
+PROMOTE_KEY = "sqa_promotion"  # a halving promotion's attributes (records.promotion_attrs)
 
 
 def metric_names(space: SearchSpace) -> list[str]:
@@ -63,12 +64,14 @@ def space_from_payload(payload: dict) -> SearchSpace:
 
 
 def evaluate_trial(space: SearchSpace, params: dict, *, anchor: str | None = None, reuse: dict | None = None,
-                   cache_dir=None) -> dict:
+                   promotion: dict | None = None, cache_dir=None) -> dict:
     """Evaluate one proposed spec with the Optuna backend's `Objective`, on this machine.
 
     Returns the trial as a JSON-safe record (state, values, params, user_attrs, system_attrs,
     intermediate values, start and end). `reuse` is an earlier trial of the same spec
     ({"number", "values", "user_attrs"}): its result is reused as the Optuna backend reuses it.
+    `promotion`: a halving promotion's attributes (`records.promotion_attrs`), which carry all it
+    needs of the trial it extends.
     Deterministic failures come back as a FAIL record with ``fail_reason``; anything else raises.
     """
     params = {name: params[name] for name in PARAM_NAMES}
@@ -79,7 +82,8 @@ def evaluate_trial(space: SearchSpace, params: dict, *, anchor: str | None = Non
         local.add_trial(optuna.trial.create_trial(
             values=reuse["values"], params=params, distributions=distributions,
             user_attrs=reuse["user_attrs"]))
-    local.enqueue_trial(params, user_attrs=anchor_attrs(anchor) if anchor else None)
+    attrs = {**(anchor_attrs(anchor) if anchor else {}), **(promotion or {})}
+    local.enqueue_trial(params, user_attrs=attrs or None)
     objective = TrialObjective(space, progress=False, cache_dir=cache_dir)
     local.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
     frozen = local.trials[-1]
@@ -161,7 +165,8 @@ def trainable(config: dict, space_payload: dict, recorded: dict):
         return
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # a failure's reason travels in its record
     space = space_from_payload(space_payload)
-    record = evaluate_trial(space, params, anchor=config.get(ANCHOR_KEY), reuse=config.get(REUSE_KEY))
+    record = evaluate_trial(space, params, anchor=config.get(ANCHOR_KEY), reuse=config.get(REUSE_KEY),
+                            promotion=config.get(PROMOTE_KEY))
     record["user_attrs"][RAY_ATTR] = {"trial_id": trial_id, "experiment": context.get_experiment_name(),
                                       **_worker_identity(space)}
     tune.report(ray_result(space, record))

@@ -9,6 +9,7 @@ same (tests/test_legacy_study.py keeps one made before this module existed).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, field
@@ -43,9 +44,13 @@ PRUNE_REASON = "prune_reason"
 PID = "pid"  # the worker process running the trial (recovery checks it is alive)
 HOST = "host"
 RAY = "ray"  # the Ray backend's trial id, experiment, node and worker fingerprint
+PROMOTION = "promotion"  # successive halving: {"from", "rung", "new_seeds", "earlier"} (search/halving.py)
+TRAINING_RUNS = "training_runs"  # seed-runs this trial trained itself (what it cost of a halving budget)
 
 # what a duplicate copies from the trial it repeats
 REUSED = (LATENCY_S, LATENCY_SOURCE, QUALITY, QUALITY_SE, QUALITY_VALUES, REPLICATE_SEEDS, TRAIN, TIMING)
+# what a promotion carries from the trial it extends: its speed is not measured again
+CARRIED = REUSED + (FINGERPRINT,)
 
 
 def _latency_from_stored(row: dict, source: str | None, fingerprint: Fingerprint | None) -> Latency:
@@ -105,6 +110,7 @@ class TrialRecord:
     pid: int | None = None
     host: str | None = None
     ray: dict | None = None
+    promotion: dict | None = None  # a halving promotion: more seeds for the trial promotion["from"]
     stored: dict = field(default_factory=dict, repr=False, compare=False)  # the attributes as stored
 
     def reused_attrs(self) -> dict:
@@ -123,6 +129,31 @@ class TrialRecord:
     def evaluated(self) -> bool:
         """Complete with its own result (not a repeat of an earlier trial's)."""
         return self.complete and self.duplicate_of is None and self.spec is not None
+
+    @property
+    def rung(self) -> int:
+        """The halving rung this trial's result belongs to: 0 for a first evaluation."""
+        return int(self.promotion["rung"]) if self.promotion else 0
+
+    @property
+    def training_runs(self) -> int:
+        """How many seed-runs this trial trained itself: 0 for a duplicate (it trained nothing);
+        in studies stored before the count, one per replicate its training summary lists."""
+        if self.duplicate_of is not None:
+            return 0
+        if TRAINING_RUNS in self.stored:
+            return int(self.stored[TRAINING_RUNS])
+        if not self.train or self.promotion:
+            return 0
+        return len(self.train.get("per_seed") or []) or 1
+
+    @property
+    def latency_iqr_s(self) -> float | None:
+        """The interquartile range of the summed latency: the root of the sum of squares of each
+        sequence length's IQR (the lengths are timed independently). None when the latency is
+        predicted or no length has an IQR (an old record, or one timing repeat)."""
+        spreads = [lat.spread_s for lat in self.latencies if lat.measured and lat.spread_s is not None]
+        return math.sqrt(sum(s * s for s in spreads)) if spreads else None
 
     @property
     def reason(self) -> str | None:
@@ -172,7 +203,8 @@ class TrialRecord:
             prune_reason=attrs.get(PRUNE_REASON), datetime_start=getattr(trial, "datetime_start", None),
             datetime_complete=getattr(trial, "datetime_complete", None),
             duration_s=duration.total_seconds() if duration else None, pid=attrs.get(PID), host=attrs.get(HOST),
-            ray=attrs.get(RAY) if isinstance(attrs.get(RAY), dict) else None, stored=dict(attrs),
+            ray=attrs.get(RAY) if isinstance(attrs.get(RAY), dict) else None,
+            promotion=attrs.get(PROMOTION) if isinstance(attrs.get(PROMOTION), dict) else None, stored=dict(attrs),
         )
 
 
@@ -191,6 +223,21 @@ def _replicates_stored(attrs: dict) -> tuple[list[float], list[int]]:
 def read_records(study) -> list[TrialRecord]:
     """Every trial of an Optuna study, in trial order."""
     return [TrialRecord.from_trial(t) for t in study.get_trials(deepcopy=False)]
+
+
+def current_records(records: list[TrialRecord]) -> list[TrialRecord]:
+    """Each configuration's current result, in trial order: of its complete trials (a first
+    evaluation, its duplicates, the promotions that added seeds to it), the one with the most
+    replicate seeds, the earliest of those. A promotion supersedes the trial it extends."""
+    best: dict[str, TrialRecord] = {}
+    for r in records:
+        if not r.complete or r.spec is None:
+            continue
+        key = r.spec_key or candidate_key(r.spec)
+        held = best.get(key)
+        if held is None or len(r.quality_values) > len(held.quality_values):
+            best[key] = r
+    return sorted(best.values(), key=lambda r: r.number)
 
 
 def from_trial(trial) -> TrialRecord:
@@ -284,7 +331,38 @@ def rerun_attrs(record: TrialRecord) -> dict:
     attrs = {RETRY_OF: record.number}
     if record.anchor is not None:
         attrs[ANCHOR] = record.anchor
+    if record.promotion is not None:  # a re-run promotion adds the same seeds to the same trial
+        attrs[PROMOTION] = record.promotion
     return attrs
+
+
+def promotion_attrs(earlier: TrialRecord, rung: int, new_seeds: list[int]) -> dict:
+    """The attributes of a queued promotion: train ``new_seeds`` more for ``earlier``'s
+    configuration. It carries what it keeps of ``earlier`` (speed, seeds, values), so a Ray
+    worker that never sees the study's storage has all it needs."""
+    carried = {k: earlier.stored[k] for k in CARRIED if k in earlier.stored}
+    attrs = {PROMOTION: {"from": earlier.number, "rung": int(rung), "new_seeds": [int(s) for s in new_seeds],
+                         "earlier": carried}}
+    if earlier.anchor is not None:  # a named variant stays one through its promotions
+        attrs[ANCHOR] = earlier.anchor
+    return attrs
+
+
+def carried_replicates(promotion: dict) -> tuple[list[float], list[int], dict]:
+    """What a promotion carries of its earlier trial: the quality per seed, the seeds, and the
+    training summary."""
+    attrs = promotion["earlier"]
+    values, seeds = _replicates_stored(attrs)
+    return values, seeds, dict(attrs.get(TRAIN) or {})
+
+
+def record_promotion_start(trial, promotion: dict) -> None:
+    """A promotion's trial begins as the trial it extends: the same speed figures and fingerprint."""
+    _set(trial, {k: v for k, v in promotion["earlier"].items() if k in (LATENCY_S, LATENCY_SOURCE, TIMING, FINGERPRINT)})
+
+
+def record_training_runs(trial, n: int) -> None:
+    trial.set_user_attr(TRAINING_RUNS, int(n))
 
 
 def store_owner(storage, trial_id: int) -> None:

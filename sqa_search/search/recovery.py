@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from . import records
 
 __all__ = ["RetryFirstStudy", "INTERRUPTED", "FINISHED", "pid_alive", "is_interrupted", "recover_interrupted",
-           "requeue", "retry_stale_trial", "waiting_reruns", "finished_count"]
+           "requeue", "retry_stale_trial", "waiting_reruns", "waiting_promotions", "finished_count"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted"  # how every fail_reason of a trial that never got to finish begins
@@ -117,6 +117,13 @@ def waiting_reruns(study: optuna.Study) -> bool:
                for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
+def waiting_promotions(study: optuna.Study) -> bool:
+    """Whether halving promotions (search/halving.py) are queued and not yet taken by a worker."""
+    return any(records.PROMOTION in t.user_attrs for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def finished_count(study: optuna.Study) -> int:
-    """Trials that count towards the target: done, pruned or failed for a reason (not interrupted)."""
-    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED) if not is_interrupted(t))
+    """Trials that count towards the target: done, pruned or failed for a reason (not interrupted).
+    A halving promotion is not one: it adds seeds to a trial already counted."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if not is_interrupted(t) and records.PROMOTION not in t.user_attrs)

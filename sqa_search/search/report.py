@@ -24,7 +24,8 @@ from .pareto import (IQR_PER_SD, dominated_beyond_noise, group_names, hypervolum
                      non_dominated_mask, reference_point)
 from ..speed.workload import KIND_NOTES, latency_kind
 from .recovery import INTERRUPTED, is_interrupted
-from .records import TrialRecord, from_trial, read_records
+from .records import TrialRecord, current_records, from_trial, read_records
+from .halving import halving_summary, pooled_seed_sd, quality_noise
 from .samplers import distinct_configurations
 from .space import SEARCH_PARAMS
 
@@ -37,13 +38,8 @@ NOISE_Z = 2.0
 
 
 def latency_iqr_s(record: TrialRecord) -> float | None:
-    """The interquartile range of a trial's summed latency: the root of the sum of squares of each
-    sequence length's IQR (the lengths are timed independently). None when the latency is predicted
-    or no length has an IQR (an old record, or one timing repeat)."""
-    spreads = [lat.spread_s for lat in record.latencies if lat.measured and lat.spread_s is not None]
-    if not spreads:
-        return None
-    return float(np.sqrt(np.sum(np.square(spreads))))
+    """The interquartile range of a trial's summed latency (`TrialRecord.latency_iqr_s`)."""
+    return record.latency_iqr_s
 
 
 def _trial_row(handle, trial, record: TrialRecord) -> dict:
@@ -58,6 +54,7 @@ def _trial_row(handle, trial, record: TrialRecord) -> dict:
         "train_wall_s": record.train_value("wall_s"), "tokens_per_s": record.train_value("tokens_per_s"),
         "latency_source": record.latency_source, "latency_kind": latency_kind(record.latencies),
         "duplicate_of": record.duplicate_of,
+        "rung": record.rung, "promoted_from": record.promotion["from"] if record.promotion else None,
         "fail_reason": record.reason
         or (f"{INTERRUPTED} (no result, no reason: its worker was lost)" if is_interrupted(trial) else None),
         "fingerprint_id": record.fingerprint_id, "backend": record.backend,
@@ -72,7 +69,20 @@ def trials_frame(handle):
     """All trials as a pandas DataFrame with the columns `show` and the report use."""
     import pandas as pd  # pandas is slow to import: not for `sqa-search --help`
 
-    frame = pd.DataFrame([_trial_row(handle, t, from_trial(t)) for t in handle.study.get_trials(deepcopy=False)])
+    trials = handle.study.get_trials(deepcopy=False)
+    records = [from_trial(t) for t in trials]
+    frame = pd.DataFrame([_trial_row(handle, t, r) for t, r in zip(trials, records)])
+    # a configuration's result is its current trial (a halving promotion supersedes the trial it extends)
+    current = current_records(records)
+    numbers = {r.number for r in current}
+    frame["current"] = [r.number in numbers for r in records]  # one row per configuration: its current result
+    # a loss's noise: its own SE, or the study's pooled seed sd / sqrt(n) where that is larger or
+    # the only one (one seed), labelled so (halving.quality_noise)
+    pooled = pooled_seed_sd(current)
+    noise = [quality_noise(r.quality_se, len(r.quality_values), pooled) if r.quality is not None else (None, None)
+             for r in records]
+    frame["quality_se"] = [se for se, _ in noise]
+    frame["quality_se_kind"] = [kind for _, kind in noise]
     frame.attrs["objectives"] = handle.space.objective_names
     return frame
 
@@ -123,7 +133,7 @@ def pareto_table(handle):
     objectives = handle.space.front_objectives()
     cols = [o.column for o in objectives]
     dirs = [o.direction for o in objectives]
-    unique = done.drop_duplicates(subset=["label"]).copy()
+    unique = done[done.current.astype(bool)].drop_duplicates(subset=["label"]).copy()
     points = unique[cols].to_numpy(dtype=float)
     unique["pareto"] = non_dominated_mask(points, dirs)
     _mark_noise(unique, objectives)
@@ -144,13 +154,15 @@ def pareto_table(handle):
     return frame, front, hv
 
 
-def fmt_quality(value, se, n) -> str:
-    """A quality figure with its uncertainty: "2.3560 ± 0.02 (SE, 4 seeds)" or "2.3560 (1 seed, no SE)"."""
+def fmt_quality(value, se, n, kind: str | None = "SE") -> str:
+    """A quality figure with its uncertainty: "2.3560 ± 0.02 (SE, 4 seeds)", "2.3560 ± 0.02 (pooled
+    seed sd, 1 seed)" (the study's seed spread standing in for one seed's) or "2.3560 (1 seed, no SE)"."""
     if value is None or value != value:
         return "-"
+    seeds = "1 seed" if (n or 1) <= 1 else f"{int(n)} seeds"
     if se is None or se != se:
-        return f"{value:.4f} ({'1 seed' if (n or 1) <= 1 else f'{int(n)} seeds'}, no SE)"
-    return f"{value:.4f} ± {se:.2g} (SE, {int(n)} seeds)"
+        return f"{value:.4f} ({seeds}, no SE)"
+    return f"{value:.4f} ± {se:.2g} ({kind or 'SE'}, {seeds})"
 
 
 def fmt_latency(value, iqr, source) -> str:
@@ -173,12 +185,13 @@ def front_columns(front, space=None, *, formatted: bool = True):
     if space is not None:
         keep[-1:-1] = [o.column for o in space.declared_objectives() if o.column not in keep]
     if not formatted:
-        keep[4:4] = ["quality_se", "quality_n", "latency_iqr_s", "group", "beyond_noise", "beaten_by"]
+        keep[4:4] = ["quality_se", "quality_se_kind", "quality_n", "latency_iqr_s", "group", "beyond_noise", "beaten_by"]
         return front[[c for c in keep if c in front.columns]]
     table = front[[c for c in keep if c in front.columns]].copy()
     if front.empty:
         return table
-    table["quality"] = [fmt_quality(r.quality, r.quality_se, r.quality_n) for r in front.itertuples()]
+    table["quality"] = [fmt_quality(r.quality, r.quality_se, r.quality_n, getattr(r, "quality_se_kind", "SE"))
+                        for r in front.itertuples()]
     table["latency_s"] = [fmt_latency(r.latency_s, r.latency_iqr_s, r.latency_source) for r in front.itertuples()]
     table.insert(4, "group", front.group)
     table.insert(5, "beyond noise", ["yes" if r.beyond_noise else f"no: {r.beaten_by} beats it"
@@ -207,6 +220,10 @@ def noise_lines(front) -> list[str]:
     if near:
         lines.append("- Within noise of the front, though not on it: "
                      + ", ".join(f"{r['label']} (group {r['group']})" for r in near) + ".")
+    pooled = front.quality_se_kind == "pooled seed sd"
+    if pooled.any():
+        lines.append(f"- {int(pooled.sum())} front point(s) have one seed: their ± is the study's pooled seed sd "
+                     f"(over the candidates with several seeds), not a spread of their own.")
     if front.quality_se.isna().any():
         lines.append(f"- {int(front.quality_se.isna().sum())} front point(s) have one seed: their loss has no "
                      f"uncertainty estimate (training.replicates gives it one).")
@@ -276,7 +293,7 @@ def front_figure(handle, frame, front):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = frame[frame.state == "COMPLETE"]
+    done = frame[(frame.state == "COMPLETE") & frame.current.astype(bool)]  # one point per configuration
     subject, source = _front_title(handle)
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
     y, x = (o.column for o in _plotted(handle.space))
@@ -309,7 +326,7 @@ def front_plotly_figure(handle, frame, front):
     """The plotly figure of pareto.html, the interactive twin of pareto.png."""
     import plotly.graph_objects as go
 
-    done = frame[frame.state == "COMPLETE"]
+    done = frame[(frame.state == "COMPLETE") & frame.current.astype(bool)]  # one point per configuration
     subject, source = _front_title(handle)
     figure = go.Figure()
     y, x = (o.column for o in _plotted(handle.space))
@@ -325,7 +342,7 @@ def front_plotly_figure(handle, frame, front):
     figure.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines+markers+text", name="Pareto front",
                                 text=[names.get(label, label) for label in front.label], textposition="top center",
                                 cliponaxis=False,  # edge labels whole
-                                hovertext=[f"{r.label}: {fmt_quality(r.quality, r.quality_se, r.quality_n)}, "
+                                hovertext=[f"{r.label}: {fmt_quality(r.quality, r.quality_se, r.quality_n, r.quality_se_kind)}, "
                                            f"{fmt_latency(r.latency_s, r.latency_iqr_s, r.latency_source)}"
                                            for r in front.itertuples()],
                                 line=dict(color=FRONT_COLOUR),
@@ -361,7 +378,7 @@ def hypervolume_figure(handle, frame):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = frame[frame.state == "COMPLETE"].sort_values("trial")
+    done = frame[(frame.state == "COMPLETE") & frame.current.astype(bool)].sort_values("trial")
     if len(done) < 2:
         return None
     objectives = _plotted(handle.space)  # quality and latency
@@ -418,6 +435,7 @@ def write_report(handle, out: Path | None = None) -> dict:
         f"Trials: {len(frame)} ({(frame.state == 'COMPLETE').sum()} complete, {(frame.state == 'PRUNED').sum()} pruned, "
         f"{len(failed)} failed; {distinct_configurations(read_records(handle.study))} distinct configurations "
         f"evaluated). Hypervolume (quality x latency): {hv:.4g}.",
+        *([halving_summary(read_records(handle.study), space) + "."] if space.study.halving else []),
         "",
         "## Pareto front",
         "",

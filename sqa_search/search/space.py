@@ -44,6 +44,8 @@ study:
                                  # auto: explore up to 300 valid candidates, tpe above
   seed: 0
   trials: 20
+  halving: null                  # successive halving over seeds under a total of training runs
+                                 # ({budget, max_seeds, eta, tolerance}: search/budget.py)
 training:                        # sqa_search.quality.train.TrainConfig fields, e.g.
   budget_tokens: 200000
   seq_len: 128
@@ -69,6 +71,7 @@ from ..errors import UserError
 from ..layer.spec import VARIANTS, AttentionSpec, SpecError, variant_heads, normalise_variant
 from ..speed.workload import MODES, Workload
 from ..speed.workload import SCOPES as WHATS
+from .budget import HalvingSettings, read_halving
 from .objectives import KV_CACHE, LATENCY, MEMORY, Objective, quality_objective  # the target's `what` is the workload's scope
 
 __all__ = ["SearchSpace", "SpaceError", "load_space", "candidate_key", "default_dtype", "SEARCH_PARAMS",
@@ -170,6 +173,7 @@ class StudySection:
     sampler: str = "auto"
     seed: int | None = 0
     trials: int = 20
+    halving: HalvingSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -431,17 +435,20 @@ def space_from_dict(data: dict, source: str = "<dict>", name: str | None = None)
     objectives = ObjectiveSection(quality=o.choice("quality", "val_loss", QUALITIES), kv_cache=o.bool("kv_cache", False),
                                  memory=o.bool("memory", False))
 
-    st = top.section("study")
-    st.check_unknown([f.name for f in dataclasses.fields(StudySection)])
-    study = StudySection(mode=st.choice("mode", "pareto", STUDY_MODES), sampler=st.choice("sampler", "auto", SAMPLERS),
-                         seed=st.int("seed", 0, low=0, optional=True), trials=st.int("trials", 20))
-    if study.mode == "constrained" and constraints.max_latency_s is None and constraints.max_kv_cache_bytes is None:
-        raise st.error("mode", "constrained", "needs constraints.max_latency_s and/or constraints.max_kv_cache_bytes")
-
     training = top.data.get("training") or {}
     if not isinstance(training, dict):
         raise top.error("training", training, "must be a mapping of TrainConfig fields")
     _check_training(source, training, objectives.quality)
+
+    st = top.section("study")
+    st.check_unknown([f.name for f in dataclasses.fields(StudySection)])
+    trials = st.int("trials", 20)
+    study = StudySection(mode=st.choice("mode", "pareto", STUDY_MODES), sampler=st.choice("sampler", "auto", SAMPLERS),
+                         seed=st.int("seed", 0, low=0, optional=True), trials=trials,
+                         halving=read_halving(st.section("halving"), trials, replicates_of(training))
+                         if st.data.get("halving") is not None else None)
+    if study.mode == "constrained" and constraints.max_latency_s is None and constraints.max_kv_cache_bytes is None:
+        raise st.error("mode", "constrained", "needs constraints.max_latency_s and/or constraints.max_kv_cache_bytes")
 
     name = name or top.data.get("name") or Path(source).stem
     if not isinstance(name, str) or not name or any(ch in name for ch in "/\\ "):

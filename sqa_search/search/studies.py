@@ -32,7 +32,7 @@ from .storage import (
 )
 
 __all__ = ["StudyHandle", "DEFAULT_STUDIES_DIR", "study_dir_for", "open_study", "open_study_storage",
-           "prepare_study", "running_study"]
+           "prepare_study", "running_study", "store_study_settings"]
 
 DEFAULT_STUDIES_DIR = Path("studies")
 
@@ -141,6 +141,18 @@ def prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, stor
     if existing is None:  # what a host joining the study later checks its own space against
         created.set_user_attr("space_fingerprint", fingerprint)
     return StudyHandle(running_study(space, opened), space, study_dir, storage_url)
+
+
+def store_study_settings(handle: StudyHandle) -> None:
+    """A resumed study's space.yaml takes this run's study section (trials, sampler, halving; not
+    part of the fingerprint), so show and the report read the settings the study last ran with."""
+    path = handle.directory / SPACE_FILE
+    text = yaml.safe_dump(handle.space.to_dict(), sort_keys=False)
+    if path.is_file() and path.read_text() == text:
+        return
+    tmp = path.with_suffix(".tmp")  # space.yaml appears whole or not at all
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_folder(space: SearchSpace, space_path: Path | None, study_dir: Path, storage_url: str) -> None:
