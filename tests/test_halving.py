@@ -184,9 +184,18 @@ def test_a_rung_promotes_at_most_one_in_eta_of_its_candidates_contenders_only_be
     assert _planned(plan_promotions(records, eta3, eta3.study.halving)) == [n[4, 4], n[4, 2]]
     # while promotions are queued or running nothing new is planned: a rung is decided on finished results
     assert plan_promotions(records, space, space.study.halving, pending={n[4, 4]: 1}) == []
-    # one candidate dominating all others: it alone is promoted, though the rung's share is 3
+    # one candidate dominating all others, before any seed noise is known: the share (3) goes by rank
     study, n = _study(space, {(2, 2): (5.0, 1.0), **{h: (5.5, 2.0) for h in [(4, 4), (4, 2), (4, 1), (2, 1), (1, 1)]}})
-    assert _planned(plan_promotions(read_records(study), space, space.study.halving)) == [n[2, 2]]
+    plan = _planned(plan_promotions(read_records(study), space, space.study.halving))
+    assert len(plan) == 3 and plan[0] == n[2, 2]
+    # once the seed noise is known (0.014), nothing dominated beyond it is promoted: only the leader,
+    # to its next rung
+    study = optuna.create_study(directions=DIRECTIONS)
+    lead = _trial(study, space, (2, 2), [4.99, 5.01], 1.0)
+    for h in [(4, 4), (4, 2), (4, 1), (2, 1), (1, 1)]:
+        _trial(study, space, h, [5.5], 2.0)
+    plan = plan_promotions(read_records(study), space, space.study.halving)
+    assert [(p.earlier.number, p.rung) for p in plan] == [(lead, 2)]
 
 
 def test_rank_orders_the_contenders_before_quality():
@@ -314,10 +323,13 @@ def test_once_the_seed_sd_is_known_a_one_seed_candidate_within_noise_of_the_fron
 
 
 def test_tolerance_makes_a_candidate_within_that_fraction_of_the_best_quality_a_contender():
-    rows = {(4, 4): (5.00, 1.0), (4, 2): (5.04, 2.0), (4, 1): (5.5, 3.0)}  # 4q/4kv dominates both others
+    rows = {(4, 4): (5.00, 1.0), (4, 2): (5.04, 2.0), (4, 1): (5.5, 3.0), (2, 1): (5.6, 3.5)}  # 4q/4kv dominates
     for tolerance, expected in ((0.0, [(4, 4)]), (0.005, [(4, 4)]), (0.01, [(4, 4), (4, 2)])):
-        space = _space(trials=3, tolerance=tolerance)
+        space = _space(trials=5, tolerance=tolerance)
         study, n = _study(space, rows)
+        # a dominated candidate with two seeds: the study knows its seed noise (sd 0.007), so 4q/2kv's
+        # 0.04 is beyond it; the rung's share is ceil(5 / 2) - 1 promoted = 2
+        _trial(study, space, (1, 1), [5.8, 5.81], 4.0)
         planned = _planned(plan_promotions(read_records(study), space, space.study.halving))
         assert planned == [n[h] for h in expected], tolerance
 
@@ -441,7 +453,7 @@ def test_the_front_and_show_use_the_promoted_trials_and_the_same_command_again_d
         line = next(ln for ln in out.splitlines() if row.label in ln and "seed" in ln)
         # its own SE, or the pooled seed sd where that is larger (halving.quality_noise); never none
         assert "no SE" not in line
-        assert (f"(SE, {n} seeds)" in line or f"(pooled seed sd, {n} seeds)" in line) if n > 1 else "1 seed" in line
+        assert (f"(SE, {n} seeds)" in line or f"(pooled sd/√n, {n} seeds)" in line) if n > 1 else "1 seed" in line
 
     # resume: nothing to do, nothing recomputed
     before = [(t.number, t.state, t.datetime_complete) for t in handle.study.trials]
@@ -599,3 +611,73 @@ def test_ray_backend_runs_the_same_promotions_with_the_same_results(tmp_path, ha
     again = run_ray_study(path, studies_dir=studies, num_cpus=2, progress=False)
     assert [(t.number, t.datetime_complete) for t in again.study.trials] == before
     assert not ray.is_initialized()
+
+
+# ----- after the review: what a reader is told, and the queue --------------------------------------
+def test_a_failed_promotion_is_said_in_the_report(tmp_path):
+    """A configuration whose promotion failed keeps its earlier result, and the report says so."""
+    from sqa_search.search.report import noise_lines
+
+    space = _space(trials=2)
+    study = optuna.create_study(directions=DIRECTIONS)
+    first = _trial(study, space, (1, 1), [5.10], 1.0)
+    _trial(study, space, (4, 4), [5.00, 5.02], 4.0)
+    _trial(study, space, (1, 1), [], 1.0, promotion=(first, 1, [1]), state=TrialState.FAIL,
+           fail_reason="training diverged: seed 1: loss nan at step 3", runs=1)
+    frame, front, _ = pareto_table(StudyHandle(study, space, tmp_path, "in-memory"))
+    row = front[front.label == "xSQA 1q/1kv"]
+    assert list(row.trial) == [first]
+    assert list(row.quality_noise_kind) == ["pooled sd"]  # one seed: the pooled sd of 4q/4kv's two
+    lines = "\n".join(noise_lines(front))
+    assert "xSQA 1q/1kv: a promotion to more seeds failed (training diverged: seed 1" in lines
+
+
+def test_a_worker_that_may_only_drain_the_queue_never_samples_a_new_trial(tmp_path):
+    """With the study's trials done, a worker losing the race for the last queued promotion must stop:
+    asking then raises QueueEmpty instead of creating (and training) a fresh trial."""
+    from sqa_search.search.recovery import QueueEmpty, RetryFirstStudy
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'q.db'}")
+    optuna.create_study(study_name="q", storage=storage, directions=DIRECTIONS)
+    study = RetryFirstStudy(study_name="q", storage=storage)
+    study.enqueue_trial({"n_q_heads": 4, "n_kv_heads": 4, "window": None, "n_global": 0},
+                        user_attrs={"promotion": {"from": 0, "rung": 1, "new_seeds": [1], "earlier": {}}})
+    study.queue_only = True
+    taken = study.ask()
+    assert taken.user_attrs["promotion"]["new_seeds"] == [1]
+    with pytest.raises(QueueEmpty):
+        study.ask()
+    assert len(study.trials) == 1  # nothing was created
+    study.queue_only = False
+    assert study.ask().number == 1  # an ordinary worker samples as before
+
+
+def test_ray_plans_again_the_promotions_the_optuna_backend_queued_and_never_ran(tmp_path):
+    """A study moved to Ray with promotions still queued (Ray runs no queued trial): they are closed
+    as interrupted and planned again, not waited for."""
+    pytest.importorskip("ray")
+    from sqa_search.search.ray_halving import next_promotions
+
+    space = _space()
+    study, n = _study(space, {**FRONT, **BEHIND})
+    handle = StudyHandle(study, space, tmp_path, "in-memory")
+    assert queue_promotions(handle, progress=False) == 3
+    planned = next_promotions(handle)
+    assert sorted(p.earlier.number for p in planned) == sorted([n[4, 4], n[4, 2], n[4, 1]])
+    stale = study.get_trials(states=(TrialState.FAIL,))
+    assert len(stale) == 3 and all(t.user_attrs["fail_reason"].startswith("interrupted") for t in stale)
+
+
+@pytest.mark.slow
+def test_recommend_labels_what_each_loss_uncertainty_is(halving_study):
+    """recommend reads the promoted results and says whether a ± is a standard error or the pooled seed sd."""
+    from sqa_search.decide.candidates import study_rows
+
+    _, _, handle = halving_study
+    rows = study_rows(handle)
+    current = {r.number: r for r in current_records(read_records(handle.study))}
+    assert {row.trial for row in rows} == set(current)
+    for row in rows:
+        n = len(current[row.trial].quality_values)
+        assert row.loss_se is not None and row.loss_noise_kind in ("SE", "pooled sd/√n", "pooled sd")
+        assert (row.loss_noise_kind == "pooled sd") == (n == 1)

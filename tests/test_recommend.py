@@ -306,7 +306,7 @@ def test_a_pick_tied_within_noise_says_so_and_how_many_seeds_would_separate(tmp_
     # n = ceil(2 (z s / d)^2) = ceil(2 (2 * 0.01 / 0.003)^2) = ceil(88.9)
     assert tie["seeds_needed"] == 89
     assert "Within noise it is tied with SQA 4q/2kv (trial 2)" in rec.why
-    assert "within 2 combined standard errors" in rec.why and "About 89 seeds per candidate (they have 4 and 4)" in rec.why
+    assert "within 2 combined noise scales" in rec.why and "About 89 seeds per candidate (they have 4 and 4)" in rec.why
     assert "an estimate" in rec.why and "SQA 4q/2kv has the smaller KV cache" in rec.why
     assert "within the timings' noise (IQR 1.700 ms)" in rec.why
     assert "2.3330 ± 0.005" in rec.table() and "(IQR 1.700 ms)" in rec.table()

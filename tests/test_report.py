@@ -102,9 +102,9 @@ def test_the_front_table_carries_the_noise_and_names_the_groups(noisy, tmp_path)
     assert frame.set_index("label").latency_iqr_s.dropna().tolist() == pytest.approx([IQR] * 6)
 
     shown = front_columns(front, noisy.space).set_index("label")
-    assert shown.loc["SQA 4q/2kv", "quality (± SE)"] == "2.3300 ± 0.005 (SE, 4 seeds)"
+    assert shown.loc["SQA 4q/2kv", "quality (± noise)"] == "2.3300 ± 0.005 (SE, 4 seeds)"
     # one seed: the study's pooled seed sd stands in, labelled so (sd of the 4-seed values: 0.0082)
-    assert shown.loc["xSQA 2q/2kv", "quality (± SE)"] == "2.5000 ± 0.0082 (pooled seed sd, 1 seed)"
+    assert shown.loc["xSQA 2q/2kv", "quality (± noise)"] == "2.5000 ± 0.0082 (pooled sd, 1 seed)"
     assert shown.loc["SQA 4q/2kv", "latency (IQR)"] == "47.740 ms, IQR 1.700 ms"
     assert shown.loc["sSQA 4q/4kv", "beyond noise"] == "no: SQA 4q/2kv beats it"
 

@@ -28,7 +28,9 @@ def run(args) -> int:
         if args.all:
             print(frame.drop(columns=["datetime_start"]).to_string(index=False))
             print()
-        print(f"Pareto set of {handle.space.name} ({(frame.state == 'COMPLETE').sum()} complete trials, "
+        promotions = int(frame.promoted_from.notna().sum())
+        print(f"Pareto set of {handle.space.name} ({(frame.state == 'COMPLETE').sum()} complete trials"
+              f"{f' ({promotions} of them halving promotions)' if promotions else ''}, "
               f"{distinct_configurations(read_records(handle.study))} distinct configurations evaluated, "
               f"hypervolume {hv:.4g}):")
         if handle.space.study.halving is not None:

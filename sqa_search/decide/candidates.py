@@ -10,6 +10,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..layer.spec import AttentionSpec, SpecError
+from ..search.halving import pooled_seed_sd, quality_noise
 from ..search.records import TrialRecord, current_records, read_records
 from ..speed.hardware import Fingerprint
 from .objectives import ObjectiveFigure, objective_figures
@@ -35,6 +36,7 @@ class CandidateRow:
     loss_source: str
     record: TrialRecord | None = None  # None: from the prior
     other_objectives: list[ObjectiveFigure] = field(default_factory=list)
+    pooled_sd: float | None = None  # the study's pooled seed sd (halving.pooled_seed_sd), None without one
 
     @property
     def trial(self) -> int | None:
@@ -42,8 +44,21 @@ class CandidateRow:
 
     @property
     def loss_se(self) -> float | None:
-        """The standard error of the loss (a mean over seeds); None with one seed or from the prior."""
-        return self.record.quality_se if self.record and self.loss is not None else None
+        """The loss's noise: its standard error over seeds, at least the study's pooled seed sd /
+        sqrt(seeds), which also stands in for one seed (`halving.quality_noise`); None from the prior
+        or with no estimate."""
+        return self._noise[0]
+
+    @property
+    def loss_noise_kind(self) -> str | None:
+        """What `loss_se` is: "SE", "pooled sd/√n", "pooled sd" (one seed) or None."""
+        return self._noise[1]
+
+    @property
+    def _noise(self) -> tuple[float | None, str | None]:
+        if not self.record or self.loss is None:
+            return None, None
+        return quality_noise(self.record.quality_se, len(self.record.quality_values), self.pooled_sd)
 
     @property
     def loss_values(self) -> list[float]:
@@ -66,7 +81,9 @@ def study_rows(handle) -> list[CandidateRow]:
     space = handle.space
     quality = space.objectives.quality
     rows = []
-    for rec in current_records(read_records(handle.study)):
+    current = current_records(read_records(handle.study))
+    pooled = pooled_seed_sd(current)
+    for rec in current:
         value = rec.quality
         if value is not None and not math.isfinite(value):
             value = None
@@ -74,7 +91,7 @@ def study_rows(handle) -> list[CandidateRow]:
         source = (f"measured: study {space.name!r} trial {rec.number} ({quality} after "
                   f"{'?' if steps is None else steps} steps)")
         rows.append(CandidateRow(rec.spec, value, source, rec,
-                                 objective_figures(space, rec, leave_out=TABLE_OBJECTIVES)))
+                                 objective_figures(space, rec, leave_out=TABLE_OBJECTIVES), pooled_sd=pooled))
     return rows
 
 

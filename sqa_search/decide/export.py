@@ -287,9 +287,12 @@ def _trial_figures(handle, rec: TrialRecord) -> dict:
         if len(rec.latencies) > 1 and lat.measured:
             rows.append({"name": f"latency at N={lat.seq_len}", "value": fmt_s(lat.seconds),
                          "source": f"{lat.kind}, backend {lat.backend}"})
-    rows.append({"name": quality_name, "value": f"{rec.quality:.4f}",
+    seeds = rec.replicate_seeds or [train["seed"]]
+    value = f"{rec.quality:.4f}" + (f" ± {rec.quality_se:.2g} (SE)" if rec.quality_se is not None else "")
+    rows.append({"name": quality_name, "value": value,
                  "source": f"proxy model trained {train['steps']} steps / {train['tokens']} tokens "
-                           f"(data {train['data_source']}, seed {train['seed']})"})
+                           f"(data {train['data_source']}, "
+                           + (f"seed {seeds[0]})" if len(seeds) == 1 else f"mean of seeds {', '.join(map(str, seeds))})")})
     rows.append({"name": "KV cache (model, largest N, batch 1)", "value": fmt_bytes(rec.kv_cache_bytes),
                  "source": "analytic"})
     figures = {"latency_s": rec.latency_s, "latency_source": trial_latency_words(rec) if rec.latency_source else None,

@@ -173,11 +173,9 @@ def find_tie(choice: Candidate, other: Candidate, decode: bool) -> "Tie | None":
 
 
 def _per_seed_sd(c: Candidate) -> float | None:
-    """The spread of one seed's loss: the sample standard deviation of the seeds, else SE x sqrt(n)."""
+    """The spread of one seed's loss: the loss's noise x sqrt(seeds), i.e. the larger of the seeds'
+    sample standard deviation and the study's pooled seed sd (`Candidate.loss_se`)."""
     values = [v for v in c.loss_values if v is not None]
-    if len(values) >= 2:
-        mean = sum(values) / len(values)
-        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     if c.loss_se is not None and values:
         return c.loss_se * math.sqrt(len(values))
     return None
@@ -190,8 +188,8 @@ def seeds_to_separate(a: Candidate, b: Candidate) -> tuple[int | None, str]:
     difference as the true one."""
     sa, sb = _per_seed_sd(a), _per_seed_sd(b)
     if sa is None or sb is None:
-        return None, ("the loss has no uncertainty estimate (one seed): set training.replicates (e.g. 4) to "
-                      "measure how much it varies with the seed")
+        return None, ("the loss has no uncertainty estimate (one seed): set training.replicates (e.g. 4) or "
+                      "study.halving to measure how much it varies with the seed")
     d = abs(b.loss - a.loss)
     if d == 0:
         return None, "their losses are equal: they cannot be separated by seeds alone"
@@ -215,8 +213,9 @@ def tie_words(r: Ranking) -> str:
             parts.append(f"latency {fmt_s(choice.latency_s)} vs {fmt_s(other.latency_s)}, a difference within the "
                          f"timings' noise" + (f" (IQR {fmt_s(max(iqr))})" if iqr else ""))
         if "loss" in t.within_noise:
-            parts.append(f"loss {fmt_loss(choice.loss, choice.loss_se)} vs {fmt_loss(other.loss, other.loss_se)}, "
-                         + ("within 2 combined standard errors" if t.loss_threshold is not None
+            parts.append(f"loss {fmt_loss(choice.loss, choice.loss_se, choice.loss_noise_kind)} vs "
+                         f"{fmt_loss(other.loss, other.loss_se, other.loss_noise_kind)}, "
+                         + ("within 2 combined noise scales" if t.loss_threshold is not None
                             else "a difference that cannot be judged"))
         trial = f" (trial {t.trial})" if t.trial is not None else ""
         text = f" Within noise it is tied with {t.label}{trial}: {'; '.join(parts) or 'identical figures'}."
@@ -245,7 +244,7 @@ def explain(r: Ranking, *, mode: str, seq_len: int, n_heads: int, tolerance: flo
     if choice.speedup_vs_gqa is not None:
         vs.append(f"{choice.speedup_vs_gqa:.2f}x GQA's")
     speed_words = f"{kind}{src}: {' and '.join(vs) if vs else fmt_s(choice.latency_s)}"
-    loss_words = (f"loss {fmt_loss(choice.loss, choice.loss_se)} ({fmt_pct(choice.loss_change_pct)} against {r.reference_name} "
+    loss_words = (f"loss {fmt_loss(choice.loss, choice.loss_se, choice.loss_noise_kind)} ({fmt_pct(choice.loss_change_pct)} against {r.reference_name} "
                   f"{r.reference.loss:.4f}, {'prior' if quality_source == 'prior' else 'measured'})")
     within = f"loss within {100 * tolerance:g}% of {r.reference_name}{r.budget_text}"
     pool = f"the {len(r.eligible)} configurations with {within}" if len(r.eligible) > 1 else None
@@ -269,7 +268,7 @@ def explain(r: Ranking, *, mode: str, seq_len: int, n_heads: int, tolerance: flo
         notes.append(_query_heads_note(r, n_heads, kind, seq_len, bool(better)))
     if quality_source != "prior" and any(c.loss_se is None for c in r.eligible):
         notes.append("The study's losses come from one seed each: they have no uncertainty estimate, so a close "
-                     "call on loss cannot be judged; set training.replicates (e.g. 4) to measure one.")
+                     "call on loss cannot be judged; set training.replicates (e.g. 4) or study.halving to measure one.")
     return why + tie_words(r)
 
 

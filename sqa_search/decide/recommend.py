@@ -389,7 +389,8 @@ def price_candidates(pool: Pool, plan: SpeedPlan, notes: list) -> list[Candidate
             spec=row.spec, label=row.spec.label, loss=row.loss, loss_source=row.loss_source, latency_s=s.seconds,
             latency_source=s.source, latency_measured=s.measured, kv_cache_bytes=kv, trial=row.trial,
             fingerprint_id=s.fingerprint_id, calibration=s.calibration, bound=s.bound,
-            other_objectives=list(row.other_objectives), loss_se=row.loss_se, loss_values=row.loss_values,
+            other_objectives=list(row.other_objectives), loss_se=row.loss_se, loss_noise_kind=row.loss_noise_kind,
+            loss_values=row.loss_values,
             latency_iqr_s=row.latency_iqr_s(pool.seq_len) if plan.measured else None, latency_kind=s.kind))
     if plan.measured:
         shaky = []

@@ -15,11 +15,13 @@ def fmt_pct(x) -> str:
     return "-" if x is None else f"{x:+.2f}%"
 
 
-def fmt_loss(loss, se) -> str:
-    """A loss with its standard error over seeds when it has one."""
+def fmt_loss(loss, se, kind: str | None = None) -> str:
+    """A loss with its noise when it has one, and what that is unless it is its own standard error."""
     if loss is None:
         return "-"
-    return f"{loss:.4f}" if se is None else f"{loss:.4f} ± {se:.2g}"
+    if se is None:
+        return f"{loss:.4f}"
+    return f"{loss:.4f} ± {se:.2g}" + (f" ({kind})" if kind and kind != "SE" else "")
 
 
 def render_table(headers, rows) -> str:
@@ -56,7 +58,8 @@ class Candidate:
     reasons: list = field(default_factory=list)  # why it was left out (empty when eligible)
     # the study's objectives the table has no column of its own for (ObjectiveFigure), one column each
     other_objectives: list = field(default_factory=list)
-    loss_se: float | None = None  # standard error of the loss over seeds (None: one seed, or a prior)
+    loss_se: float | None = None  # the loss's noise: SE over seeds, at least pooled sd / √n (None: a prior, no estimate)
+    loss_noise_kind: str | None = None  # what loss_se is: "SE", "pooled sd/√n" or "pooled sd" (one seed)
     loss_values: list = field(default_factory=list)  # the loss of each seed
     latency_iqr_s: float | None = None  # interquartile range of the measured timing (None: predicted)
     tied_with: list = field(default_factory=list)  # the choice only: runners-up it cannot be told from (Tie.to_dict)
@@ -174,7 +177,7 @@ class Recommendation:
             loss_tag = "prior" if c.loss_source.startswith("PRIOR") else "study"
             formatted = {f.name: f.formatted for f in c.other_objectives}
             row = [mark, c.label] + ([("-" if c.trial is None else c.trial)] if with_trial else []) + [
-                fmt_loss(c.loss, c.loss_se), fmt_pct(c.loss_change_vs_mha_pct),
+                fmt_loss(c.loss, c.loss_se, c.loss_noise_kind), fmt_pct(c.loss_change_vs_mha_pct),
                 fmt_x(c.speedup_vs_mha), fmt_x(c.speedup_vs_gqa), fmt_bytes(c.kv_cache_bytes),
                 fmt_s(c.latency_s) + (f" (IQR {fmt_s(c.latency_iqr_s)})" if c.latency_iqr_s is not None else "")] + [formatted.get(name, "-") for name in others] + [
                 f"loss:{loss_tag} speed:{c.speed_tag}", c.status]

@@ -125,7 +125,7 @@ def combined_summary(earlier: dict, later: dict) -> dict:
     """Two `Replicates.summary()`s of one candidate (a promotion's new seeds after its earlier
     ones) as one: metrics averaged over every seed, costs summed, seeds and per-seed rows joined."""
     n_a, n_b = int(earlier.get("replicates") or 1), int(later.get("replicates") or 1)
-    combined = dict(later)
+    combined = {**later, "seed": earlier.get("seed", later.get("seed"))}  # the first seed, as in one summary
     for name in METRICS:
         a, b = earlier.get(name), later.get(name)
         if all(isinstance(v, (int, float)) and math.isfinite(v) for v in (a, b)):

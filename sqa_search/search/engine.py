@@ -30,7 +30,6 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from ..common import resolve_device_name
 from ..layer.spec import AttentionSpec
 from ..speed.workload import latency_label
 from .pareto import non_dominated_mask
@@ -38,6 +37,7 @@ from .records import (
     TrialRecord,
     anchor_attrs,
     carried_replicates,
+    current_records,
     from_trial,
     record_duplicate,
     record_failure,
@@ -52,7 +52,7 @@ from .records import (
     store_owner,
 )
 from .halving import check_halving_budget, check_runs_left, pending_promotions, plan_promotions, runs_spent
-from .recovery import (INTERRUPTED, finished_count, is_interrupted, recover_interrupted, waiting_promotions,
+from .recovery import (INTERRUPTED, QueueEmpty, finished_count, is_interrupted, recover_interrupted, waiting_promotions,
                        waiting_reruns)
 from .samplers import space_exhausted
 from .space import (SearchSpace, candidate_key, load_space, params_of, replicates_of, space_from_dict,
@@ -86,12 +86,11 @@ class TrialFailed(Exception):
 
 
 def earlier_result(trial: optuna.Trial, key: str) -> TrialRecord | None:
-    """The study's complete trial of the same spec, if any (its result is reused)."""
-    for other in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        record = from_trial(other)
-        if other.number != trial.number and record.spec_key == key:
-            return record
-    return None
+    """The current result of the same spec in the study, if any (reused): with halving, the trial
+    with the most seeds (`current_records`), not the first one-seed trial."""
+    others = [from_trial(t) for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+              if t.number != trial.number]
+    return next((r for r in current_records(others) if r.spec_key == key), None)
 
 
 class TrialObjective:
@@ -163,7 +162,13 @@ class TrialObjective:
         losses and the new seeds', their mean and standard error over all of them."""
         from ..quality.replicates import combined_summary, mean_and_se
 
+        carried_key = promotion["earlier"].get("spec_key")
+        if carried_key is not None and carried_key != candidate_key(spec):  # never mix two configurations' seeds
+            self._fail(trial, f"promotion of trial {promotion['from']} proposes another configuration ({spec.label})")
         record_promotion_start(trial, promotion)
+        budget = self.space.constraints.max_latency_s
+        if budget is not None and self.space.study.mode == "pareto":  # as its first trial: samplers read it
+            trial.set_constraint("latency", float(promotion["earlier"]["latency_s"]) - budget)
         earlier_values, earlier_seeds, earlier_train = carried_replicates(promotion)
         result = self._train_seeds(trial, spec, list(promotion["new_seeds"]), callback=None)
         values = earlier_values + result.values
@@ -251,8 +256,12 @@ class TrialObjective:
 
         config = train_config_from(self.space.training, self.space.objectives.quality)
         m = self.space.model
-        result = train_replicates(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, seeds,
-                                  metric=self.space.objectives.quality, callback=callback, progress=self.progress)
+        try:
+            result = train_replicates(spec, dict(n_layers=m.n_layers, d_ff=m.d_ff), config, seeds,
+                                      metric=self.space.objectives.quality, callback=callback, progress=self.progress)
+        except optuna.TrialPruned:  # pruned from its first seed's curve: that run was spent all the same
+            record_training_runs(trial, 1)
+            raise
         record_training_runs(trial, len(result.results))
         if not result.ok:
             record_training(trial, result.summary())
@@ -277,7 +286,11 @@ def optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) -
                 break
             if space_exhausted(study, handle.space):  # every valid configuration evaluated: no repeats
                 break
-            study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+            study.queue_only = finished_count(study) >= target  # only the queue is left: never sample
+            try:
+                study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
+            except QueueEmpty:  # another worker took the last queued trial
+                continue
             if bar is not None:
                 bar.n = _progress_done(handle)
                 bar.set_postfix_str(_progress_summary(handle), refresh=False)
@@ -319,11 +332,11 @@ def queue_promotions(handle: StudyHandle, progress: bool) -> int:
 
 
 def _progress_summary(handle: StudyHandle) -> str:
-    done = handle.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    done = current_records(read_records(handle.study))  # one per configuration, with the most seeds
     if not done:
         return "no finished trial yet"
     objectives = handle.space.objectives_in_use()
-    values = np.array([t.values for t in done], dtype=float)
+    values = np.array([r.values for r in done], dtype=float)
     parts = []
     for i, objective in enumerate(objectives):
         best = values[:, i].max() if objective.direction == "maximize" else values[:, i].min()

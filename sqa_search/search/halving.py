@@ -8,7 +8,9 @@ candidates that may be on the front. A rung ``k`` holds ``replicates x eta^k`` s
 more seeds for:
 
 * a **contender** is a candidate no other dominates beyond noise (`pareto.noise_aware_front`, the
-  z = 2 rule the report uses), or whose quality is within ``tolerance`` of the best one. Its
+  z = 2 rule the report uses), or whose quality is within ``tolerance`` of the best one, and whose
+  latency is within ``constraints.max_latency_s``. Before any candidate has two seeds there is no
+  estimate of the seed noise, and every candidate is a contender (the share then goes by rank). Its
   quality's noise is its standard error; a candidate with one seed has none of its own and takes
   the study's pooled seed standard deviation (over every candidate with two or more seeds) / sqrt(1),
   so a one-seed loss is never taken as exact once the study knows how much seeds move, and no
@@ -41,16 +43,14 @@ import numpy as np
 from optuna.trial import TrialState
 
 from .budget import HalvingSettings, seed_levels
-from .pareto import IQR_PER_SD, noise_aware_front, non_dominated_sort
+from .pareto import IQR_PER_SD, NOISE_Z, noise_aware_front, non_dominated_sort
 from .records import TrialRecord, current_records, promotion_attrs
 from .recovery import INTERRUPTED
 from .space import SearchSpace, replicates_of
 from .storage import StudyError
 
-__all__ = ["Promotion", "plan_promotions", "check_halving_budget", "check_runs_left", "quality_noise", "runs_spent", "pooled_seed_sd", "rung_of", "NOISE_Z",
-           "pending_promotions", "halving_summary"]
-
-NOISE_Z = 2.0  # as report.NOISE_Z: two combined noise scales apart count as different
+__all__ = ["Promotion", "plan_promotions", "check_halving_budget", "check_runs_left", "quality_noise", "runs_spent",
+           "pooled_seed_sd", "rung_of", "pending_promotions", "halving_summary"]
 
 
 @dataclass(frozen=True)
@@ -106,14 +106,16 @@ def check_halving_budget(space: SearchSpace, trials: int) -> None:
 
 
 def quality_noise(se: float | None, n: int, pooled: float | None) -> tuple[float | None, str | None]:
-    """(a quality figure's noise scale, what it is): the larger of its own standard error and the
-    study's pooled seed sd / sqrt(n). An SE from two or three seeds is itself a rough guess (one
-    seed pair 0.004 nats apart where seeds move the loss by 0.015), so it is not trusted below
-    what the study's seeds say; a one-seed figure has only the pooled one."""
+    """(a quality figure's noise scale, what it is): "SE", its own standard error; "pooled sd/√n",
+    the study's pooled seed sd / sqrt(n) where that is larger (an SE from two or three seeds is
+    itself a rough guess: one seed pair 0.004 nats apart where seeds move the loss by 0.015); or
+    "pooled sd", the pooled seed sd standing in for a one-seed figure's. (None, None): no estimate."""
     floor = pooled / math.sqrt(max(n, 1)) if pooled is not None else None
     if se is not None and se == se and (floor is None or se >= floor):
         return se, "SE"
-    return (floor, "pooled seed sd") if floor is not None else (None, None)
+    if floor is None:
+        return None, None
+    return floor, ("pooled sd" if n <= 1 else "pooled sd/√n")
 
 
 def rung_of(n_seeds: int, levels: list[int]) -> int:
@@ -159,9 +161,19 @@ def _points_and_noise(space: SearchSpace, current: list[TrialRecord]) -> tuple[n
 
 
 def _contenders(space: SearchSpace, current: list[TrialRecord], tolerance: float) -> tuple[np.ndarray, np.ndarray]:
-    """(contender mask, order key: non-dominated rank then quality, lower first) over ``current``."""
+    """(contender mask, order key: non-dominated rank then quality, lower first) over ``current``.
+
+    Before any candidate has two seeds the study cannot tell how far one seed's loss may be off, so
+    the noise-aware test would take one-seed losses as exact: then every candidate is a contender
+    and the rung's share goes by rank alone (MO-ASHA's rule); afterwards, by noise."""
     points, noise, directions = _points_and_noise(space, current)
-    contender = noise_aware_front(points, noise, directions, NOISE_Z)
+    if pooled_seed_sd(current) is None and "quality" in [o.column for o in space.objectives_in_use()]:
+        contender = np.ones(len(current), dtype=bool)
+    else:
+        contender = noise_aware_front(points, noise, directions, NOISE_Z)
+    limit = space.constraints.max_latency_s
+    if limit is not None:  # over the latency budget: never a candidate to spend seeds on
+        contender &= np.array([r.latency_s is None or r.latency_s <= limit for r in current])
     quality = points[:, 0] * (1.0 if directions[0] == "minimize" else -1.0)  # quality is objective 0, lower better
     if tolerance > 0 and np.isfinite(quality).any():
         best = np.nanmin(quality)

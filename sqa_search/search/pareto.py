@@ -31,7 +31,6 @@ when Optuna's moves).
 
 from __future__ import annotations
 
-from typing import Sequence
 
 import numpy as np
 
@@ -43,6 +42,7 @@ __all__ = [
     "indistinct_groups",
     "group_names",
     "IQR_PER_SD",
+    "NOISE_Z",
     "non_dominated_sort",
     "pareto_front",
     "hypervolume",
@@ -55,6 +55,9 @@ __all__ = [
 # The interquartile range of a normal distribution in standard deviations: a timing's IQR / 1.349
 # is the standard deviation it would have if its repeats were normal (a robust estimate otherwise).
 IQR_PER_SD = 1.349
+# How many combined noise scales apart two figures must be to count as different: the report's and
+# the halving planner's rule.
+NOISE_Z = 2.0
 
 _MINIMISE = {"minimize", "minimise", "min"}
 _MAXIMISE = {"maximize", "maximise", "max"}

@@ -52,7 +52,8 @@ from ray.tune.search import ConcurrencyLimiter, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from .engine import load_run_space
-from .halving import check_halving_budget, check_runs_left, pending_promotions, plan_promotions
+from .halving import check_halving_budget, check_runs_left
+from .ray_halving import next_promotions, run_promotions
 from .records import FAIL_REASON, anchor_attrs, from_trial, read_records, spec_attrs
 from .recovery import finished_count
 from .samplers import make_sampler, space_exhausted
@@ -268,22 +269,6 @@ class StudySearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
-class PromotionSearch(Searcher):
-    """Hands Tune one rung's halving promotions (search/halving.py), each once, then FINISHED."""
-
-    def __init__(self, configs: list[dict]):
-        super().__init__()
-        self._sqa_configs = list(configs)
-
-    def set_search_properties(self, metric, mode, config, **spec) -> bool:
-        return True  # the configurations are fixed: nothing to search
-    def suggest(self, trial_id: str):
-        return self._sqa_configs.pop(0) if self._sqa_configs else Searcher.FINISHED
-
-    def on_trial_complete(self, trial_id: str, result=None, error: bool = False):
-        pass  # StudyRecorder stores the result; the next rung is planned from the storage
-
-
 class StudyRecorder(tune.Callback):
     """Writes each finished Ray trial into the study storage, once, from the driver."""
 
@@ -422,7 +407,7 @@ def run_ray_study(
     store_study_settings(handle)
     ray_dir = (handle.directory / RAY_SUBDIR).resolve()
     experiments = load_experiments(ray_dir)
-    if finished_count(handle.study) >= target and not _next_promotions(handle):  # nothing to run: do not start Ray
+    if finished_count(handle.study) >= target and not next_promotions(handle):  # nothing to run: do not start Ray
         if experiments and not experiments[-1]["finished"]:
             experiments[-1]["finished"] = True
             save_experiments(ray_dir, experiments)
@@ -512,40 +497,14 @@ def _run_new(handle: StudyHandle, ray_dir: Path, experiments: list[dict], remain
     save_experiments(ray_dir, experiments)
 
 
-def _next_promotions(handle: StudyHandle) -> list:
-    settings = handle.space.study.halving
-    return plan_promotions(read_records(handle.study), handle.space, settings,
-                           pending_promotions(handle.study)) if settings else []
-
-
 def _run_promotions(handle: StudyHandle, ray_dir: Path, experiments: list[dict], resources: TrialResources,
                     concurrency: int, max_retries: int, target: int, progress: bool) -> None:
-    """Successive halving on Ray: one Tune experiment per rung of promotions, until none is left."""
-    while plan := _next_promotions(handle):
-        if progress:
-            print(f"successive halving: {len(plan)} to rung {plan[0].rung}: " + "; ".join(p.describe() for p in plan))
-        experiment = f"run-{len(experiments) + 1:03d}"
-        experiments.append({"name": experiment, "trials": len(plan), "finished": False, "restored": 0,
-                            "promotions": True, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-        save_experiments(ray_dir, experiments)
-        search = ConcurrencyLimiter(PromotionSearch([{**p.params, PROMOTE_KEY: p.attrs()} for p in plan]),
-                                    max_concurrent=concurrency)
-        tuner = tune.Tuner(
-            _make_trainable(handle.space, resources, handle, None),
-            tune_config=tune.TuneConfig(search_alg=search, num_samples=len(plan), trial_dirname_creator=_trial_dirname,
-                                        reuse_actors=True),
-            run_config=tune.RunConfig(
-                name=experiment, storage_path=str(ray_dir), verbose=0,
-                failure_config=tune.FailureConfig(max_failures=max_retries),
-                callbacks=[StudyRecorder(handle.space, storage_url=handle.storage_url, max_retries=max_retries,
-                                         target=target, progress=progress)]),
-        )
-        grid = tuner.fit()
-        experiments[-1]["finished"] = True
-        save_experiments(ray_dir, experiments)
-        if len(grid) - grid.num_terminated - grid.num_errors > 0:  # Ctrl-C: the storage keeps what finished
-            raise StudyError(f"the Ray study {handle.space.name!r} was interrupted during successive halving; run "
-                             "the same command again to resume it")
+    """Successive halving on Ray (search/ray_halving.py), with this backend's trainable and recorder."""
+    run_promotions(handle, ray_dir, experiments, concurrency=concurrency, max_retries=max_retries, progress=progress,
+                   trainable=lambda: _make_trainable(handle.space, resources, handle, None),
+                   recorder=lambda: StudyRecorder(handle.space, storage_url=handle.storage_url,
+                                                  max_retries=max_retries, target=target, progress=progress),
+                   dirname=_trial_dirname)
 
 
 def _fit(tuner, handle: StudyHandle, target: int, fresh: bool) -> None:

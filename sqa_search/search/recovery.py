@@ -16,11 +16,15 @@ from optuna.trial import TrialState
 
 from . import records
 
-__all__ = ["RetryFirstStudy", "INTERRUPTED", "FINISHED", "pid_alive", "is_interrupted", "recover_interrupted",
+__all__ = ["RetryFirstStudy", "QueueEmpty", "INTERRUPTED", "FINISHED", "pid_alive", "is_interrupted", "recover_interrupted",
            "requeue", "retry_stale_trial", "waiting_reruns", "waiting_promotions", "finished_count"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 INTERRUPTED = "interrupted"  # how every fail_reason of a trial that never got to finish begins
+
+
+class QueueEmpty(Exception):
+    """Raised when asking for a trial while only queued ones may run (`RetryFirstStudy.queue_only`) and none is left."""
 
 
 class RetryFirstStudy(optuna.Study):
@@ -30,7 +34,13 @@ class RetryFirstStudy(optuna.Study):
     waited behind the named variants still queued: a `--trials 3` quickstart killed during GQA
     then evaluated MQA and SQA and never GQA. Claiming a trial is Optuna's own atomic
     WAITING -> RUNNING transition, so two workers never take the same one.
+
+    ``queue_only``: set while a worker only drains the queue (re-runs, halving promotions) after the
+    study has its trials. A worker that loses the race for the last queued trial must then stop,
+    not sample a new one: asking raises `QueueEmpty`.
     """
+
+    queue_only = False
 
     def _pop_waiting_trial_id(self) -> int | None:
         waiting = self._storage.get_all_trials(self._study_id, deepcopy=False, states=(TrialState.WAITING,))
@@ -42,6 +52,8 @@ class RetryFirstStudy(optuna.Study):
                     return trial._trial_id
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue  # another worker took it and finished it meanwhile
+        if self.queue_only:
+            raise QueueEmpty()
         return None
 
 

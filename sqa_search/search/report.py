@@ -5,8 +5,10 @@ and `sqa-search run` writes them at the end of a study (cli/run.py).
 The objectives come from the search space (`SearchSpace.front_objectives`), and every trial's
 figures from its `TrialRecord`: a new objective needs no change here.
 
-Every figure comes with its noise: a loss with its standard error over seeds (or "1 seed, no SE"),
-a measured latency with its IQR. The front is the exact Pareto front (hypervolume is computed on
+Every figure comes with its noise: a loss with its standard error over seeds, or the study's pooled
+seed sd where that is larger or the only estimate (`halving.quality_noise`, labelled so; "1 seed, no
+SE" when there is none), a measured latency with its IQR. A configuration is its current trial
+(`records.current_records`: a halving promotion in place of the trial it extends). The front is the exact Pareto front (hypervolume is computed on
 it), and each of its points says whether it stands beyond noise (pareto.noise_aware_front) and
 which group of points it cannot be told apart from (pareto.indistinct_groups); the plots draw the
 noise as error bars.
@@ -20,7 +22,7 @@ import numpy as np
 
 from .._figures import fit_text, save
 from .._format import fmt_s
-from .pareto import (IQR_PER_SD, dominated_beyond_noise, group_names, hypervolume_history, indistinct_groups,
+from .pareto import (IQR_PER_SD, NOISE_Z, dominated_beyond_noise, group_names, hypervolume_history, indistinct_groups,
                      non_dominated_mask, reference_point)
 from ..speed.workload import KIND_NOTES, latency_kind
 from .recovery import INTERRUPTED, is_interrupted
@@ -33,8 +35,6 @@ __all__ = ["trials_frame", "pareto_table", "front_columns", "write_report", "fro
            "front_plotly_figure", "hypervolume_figure", "FRONT_COLOUR", "NOISE_Z", "latency_iqr_s",
            "objective_noise", "noise_lines", "study_latency_kind"]
 
-# How many combined noise scales apart two figures must be to count as different (pareto.py's z).
-NOISE_Z = 2.0
 
 
 def latency_iqr_s(record: TrialRecord) -> float | None:
@@ -81,10 +81,21 @@ def trials_frame(handle):
     pooled = pooled_seed_sd(current)
     noise = [quality_noise(r.quality_se, len(r.quality_values), pooled) if r.quality is not None else (None, None)
              for r in records]
-    frame["quality_se"] = [se for se, _ in noise]
-    frame["quality_se_kind"] = [kind for _, kind in noise]
+    frame["quality_noise"] = [scale for scale, _ in noise]
+    frame["quality_noise_kind"] = [kind for _, kind in noise]
+    frame["promotion_failed"] = [_failed_promotion(r, records) for r in records]
     frame.attrs["objectives"] = handle.space.objective_names
     return frame
+
+
+def _failed_promotion(record: TrialRecord, records: list[TrialRecord]) -> str | None:
+    """The reason a promotion of this (current) trial failed, if one did: its figure then rests on
+    its earlier seeds only, which the report says."""
+    for r in records:
+        if r.promotion and int(r.promotion["from"]) == record.number and r.state == "FAIL" and r.fail_reason \
+                and not r.fail_reason.startswith(INTERRUPTED):
+            return r.fail_reason
+    return None
 
 
 def objective_noise(objective, table) -> np.ndarray:
@@ -92,7 +103,7 @@ def objective_noise(objective, table) -> np.ndarray:
     standard error, a latency's IQR / 1.349 (the standard deviation of normal repeats with that
     IQR), 0 where there is no estimate (one seed, a prediction) and for other objectives."""
     if objective.column == "quality":
-        return table.quality_se.astype(float).fillna(0.0).to_numpy()
+        return table.quality_noise.astype(float).fillna(0.0).to_numpy()
     if objective.column == "latency_s":
         return (table.latency_iqr_s.astype(float) / IQR_PER_SD).fillna(0.0).to_numpy()
     return np.zeros(len(table))
@@ -155,8 +166,9 @@ def pareto_table(handle):
 
 
 def fmt_quality(value, se, n, kind: str | None = "SE") -> str:
-    """A quality figure with its uncertainty: "2.3560 ± 0.02 (SE, 4 seeds)", "2.3560 ± 0.02 (pooled
-    seed sd, 1 seed)" (the study's seed spread standing in for one seed's) or "2.3560 (1 seed, no SE)"."""
+    """A quality figure with its noise and what that is (`halving.quality_noise`): "2.3560 ± 0.02 (SE,
+    4 seeds)", "2.3560 ± 0.02 (pooled sd, 1 seed)", "2.3560 ± 0.01 (pooled sd/√n, 2 seeds)", or
+    "2.3560 (1 seed, no SE)"."""
     if value is None or value != value:
         return "-"
     seeds = "1 seed" if (n or 1) <= 1 else f"{int(n)} seeds"
@@ -185,18 +197,18 @@ def front_columns(front, space=None, *, formatted: bool = True):
     if space is not None:
         keep[-1:-1] = [o.column for o in space.declared_objectives() if o.column not in keep]
     if not formatted:
-        keep[4:4] = ["quality_se", "quality_se_kind", "quality_n", "latency_iqr_s", "group", "beyond_noise", "beaten_by"]
+        keep[4:4] = ["quality_se", "quality_noise", "quality_noise_kind", "quality_n", "latency_iqr_s", "group", "beyond_noise", "beaten_by"]
         return front[[c for c in keep if c in front.columns]]
     table = front[[c for c in keep if c in front.columns]].copy()
     if front.empty:
         return table
-    table["quality"] = [fmt_quality(r.quality, r.quality_se, r.quality_n, getattr(r, "quality_se_kind", "SE"))
+    table["quality"] = [fmt_quality(r.quality, r.quality_noise, r.quality_n, r.quality_noise_kind)
                         for r in front.itertuples()]
     table["latency_s"] = [fmt_latency(r.latency_s, r.latency_iqr_s, r.latency_source) for r in front.itertuples()]
     table.insert(4, "group", front.group)
     table.insert(5, "beyond noise", ["yes" if r.beyond_noise else f"no: {r.beaten_by} beats it"
                                      for r in front.itertuples()])
-    return table.rename(columns={"quality": "quality (± SE)", "latency_s": "latency (IQR)"})
+    return table.rename(columns={"quality": "quality (± noise)", "latency_s": "latency (IQR)"})
 
 
 def noise_lines(front) -> list[str]:
@@ -209,7 +221,7 @@ def noise_lines(front) -> list[str]:
     separated = front[front.beyond_noise & front.group.map(sizes).eq(1)]
     lines = [f"Of the exact front's {len(front)} points, {len(separated)} are separated beyond noise from every "
              f"other point (a difference counts when it exceeds {NOISE_Z:g} x the combined noise: a loss's "
-             f"standard error over seeds, a latency's IQR / {IQR_PER_SD})."]
+             f"standard error over seeds, at least the pooled seed sd / √seeds, a latency's IQR / {IQR_PER_SD})."]
     for r in front[~front.beyond_noise].itertuples():
         lines.append(f"- {r.label} is on the exact front only by differences within noise: {r.beaten_by} "
                      f"beats it beyond noise.")
@@ -220,13 +232,19 @@ def noise_lines(front) -> list[str]:
     if near:
         lines.append("- Within noise of the front, though not on it: "
                      + ", ".join(f"{r['label']} (group {r['group']})" for r in near) + ".")
-    pooled = front.quality_se_kind == "pooled seed sd"
-    if pooled.any():
-        lines.append(f"- {int(pooled.sum())} front point(s) have one seed: their ± is the study's pooled seed sd "
-                     f"(over the candidates with several seeds), not a spread of their own.")
-    if front.quality_se.isna().any():
-        lines.append(f"- {int(front.quality_se.isna().sum())} front point(s) have one seed: their loss has no "
-                     f"uncertainty estimate (training.replicates gives it one).")
+    kinds = front.quality_noise_kind
+    if (kinds == "pooled sd").any():
+        lines.append(f"- {int((kinds == 'pooled sd').sum())} front point(s) have one seed: their ± is the study's pooled "
+                     f"seed sd (over the candidates with several seeds), not a spread of their own.")
+    if (kinds == "pooled sd/√n").any():
+        lines.append(f"- {int((kinds == 'pooled sd/√n').sum())} front point(s) show the pooled seed sd / √seeds, "
+                     f"larger than their own SE (an SE from 2-3 seeds is a rough guess).")
+    if front.quality_noise.isna().any():
+        lines.append(f"- {int(front.quality_noise.isna().sum())} front point(s) have one seed: their loss has no "
+                     f"uncertainty estimate (training.replicates or study.halving gives it one).")
+    for row in front[front.promotion_failed.notna()].itertuples():
+        lines.append(f"- {row.label}: a promotion to more seeds failed ({row.promotion_failed}); its figure rests "
+                     f"on its earlier seeds.")
     return lines
 
 
@@ -235,7 +253,7 @@ FRONT_COLOUR = "#d62728"
 
 
 # What the plots' error bars span, in their legend and axis title.
-ERROR_BARS = f"bars: quality ±{NOISE_Z:g} SE, latency IQR"
+ERROR_BARS = f"bars: quality ±{NOISE_Z:g} SE or pooled sd, latency IQR"
 
 
 def error_bars(objective, table) -> np.ndarray:
@@ -243,7 +261,7 @@ def error_bars(objective, table) -> np.ndarray:
     the front's separation uses), half the interquartile range either side for latency (the bar
     spans the IQR), 0 where there is no estimate."""
     if objective.column == "quality":
-        return NOISE_Z * table.quality_se.astype(float).fillna(0.0).to_numpy()
+        return NOISE_Z * table.quality_noise.astype(float).fillna(0.0).to_numpy()
     if objective.column == "latency_s":
         return (table.latency_iqr_s.astype(float) / 2).fillna(0.0).to_numpy()
     return np.zeros(len(table))
@@ -342,7 +360,7 @@ def front_plotly_figure(handle, frame, front):
     figure.add_trace(go.Scatter(x=front[x], y=front[y], mode="lines+markers+text", name="Pareto front",
                                 text=[names.get(label, label) for label in front.label], textposition="top center",
                                 cliponaxis=False,  # edge labels whole
-                                hovertext=[f"{r.label}: {fmt_quality(r.quality, r.quality_se, r.quality_n, r.quality_se_kind)}, "
+                                hovertext=[f"{r.label}: {fmt_quality(r.quality, r.quality_noise, r.quality_n, r.quality_noise_kind)}, "
                                            f"{fmt_latency(r.latency_s, r.latency_iqr_s, r.latency_source)}"
                                            for r in front.itertuples()],
                                 line=dict(color=FRONT_COLOUR),
@@ -404,6 +422,12 @@ def _plot_hypervolume(handle, frame, out: Path) -> Path | None:
     return out / "hypervolume.png"
 
 
+def _promotions_note(frame) -> str:
+    """", of which 8 halving promotions" when the study promoted any (they add seeds, not configurations)."""
+    n = int(frame.promoted_from.notna().sum()) if "promoted_from" in frame else 0
+    return f", of which {n} halving promotion{'s' if n != 1 else ''}" if n else ""
+
+
 def write_report(handle, out: Path | None = None) -> dict:
     """Write results.csv, results.parquet, pareto.png/.html, hypervolume.png and report.md."""
     out = Path(out or handle.directory)
@@ -432,7 +456,8 @@ def write_report(handle, out: Path | None = None) -> dict:
         f"Target: {t.hardware}, {t.mode}, {t.dtype}, batch {t.batch}, N={list(t.seq_len)}, timing the {t.what}. "
         f"Latency is {'measured on this machine' if t.measured else 'PREDICTED by the cost model'}"
         f"{_kind_note(study_latency_kind(handle))}.",
-        f"Trials: {len(frame)} ({(frame.state == 'COMPLETE').sum()} complete, {(frame.state == 'PRUNED').sum()} pruned, "
+        f"Trials: {len(frame)}{_promotions_note(frame)} ({(frame.state == 'COMPLETE').sum()} complete, "
+        f"{(frame.state == 'PRUNED').sum()} pruned, "
         f"{len(failed)} failed; {distinct_configurations(read_records(handle.study))} distinct configurations "
         f"evaluated). Hypervolume (quality x latency): {hv:.4g}.",
         *([halving_summary(read_records(handle.study), space) + "."] if space.study.halving else []),
