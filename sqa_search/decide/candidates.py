@@ -81,7 +81,7 @@ def study_rows(handle) -> list[CandidateRow]:
     space = handle.space
     quality = space.objectives.quality
     rows = []
-    current = current_records(read_records(handle.study))
+    current = [r for r in current_records(read_records(handle.study)) if r.spec is not None]
     pooled = pooled_seed_sd(current)
     for rec in current:
         value = rec.quality

@@ -26,7 +26,7 @@ def complete_records(records: list[TrialRecord]) -> list[TrialRecord]:
     """Complete trials with finite quality and latency, one per distinct spec: its current result
     (`current_records`: the most seeds, a halving promotion over the trial it extends)."""
     return [r for r in current_records(records)
-            if r.quality is not None and r.latency_s is not None
+            if r.spec is not None and r.quality is not None and r.latency_s is not None
             and math.isfinite(r.quality) and math.isfinite(r.latency_s)]
 
 

@@ -231,7 +231,7 @@ def current_records(records: list[TrialRecord]) -> list[TrialRecord]:
     replicate seeds, the earliest of those. A promotion supersedes the trial it extends."""
     best: dict[str, TrialRecord] = {}
     for r in records:
-        if not r.complete or r.spec is None:
+        if not r.complete or (r.spec is None and r.spec_key is None):  # a Ray reuse carries the key alone
             continue
         key = r.spec_key or candidate_key(r.spec)
         held = best.get(key)
