@@ -51,7 +51,7 @@ from .records import (
     read_records,
     store_owner,
 )
-from .halving import check_halving_budget, check_runs_left, pending_promotions, plan_promotions, runs_spent
+from .halving import check_halving_budget, check_runs_left, next_plan, plan_words, runs_spent
 from .recovery import (INTERRUPTED, QueueEmpty, finished_count, is_interrupted, recover_interrupted, waiting_promotions,
                        waiting_reruns)
 from .samplers import space_exhausted
@@ -281,12 +281,12 @@ def optimize(handle: StudyHandle, target: int, progress: bool, cache_dir=None) -
         # a re-run is never skipped for the budget (an interrupted trial is no result)
         while True:
             recover_interrupted(study)
-            queued = waiting_reruns(study) or waiting_promotions(study)
-            if finished_count(study) >= target and not queued:
+            done = finished_count(study) >= target
+            if done and not (waiting_reruns(study) or waiting_promotions(study)):
                 break
             if space_exhausted(study, handle.space):  # every valid configuration evaluated: no repeats
                 break
-            study.queue_only = finished_count(study) >= target  # only the queue is left: never sample
+            study.queue_only = done  # only the queue is left: never sample
             try:
                 study.optimize(objective, n_trials=1, catch=(TrialFailed,), gc_after_trial=True)
             except QueueEmpty:  # another worker took the last queued trial
@@ -319,15 +319,11 @@ def _progress_done(handle: StudyHandle) -> int:
 
 def queue_promotions(handle: StudyHandle, progress: bool) -> int:
     """Plan the next halving rung's promotions (search/halving.py) and queue them; how many."""
-    settings = handle.space.study.halving
-    if settings is None:
-        return 0
-    plan = plan_promotions(read_records(handle.study), handle.space, settings, pending_promotions(handle.study))
+    plan = next_plan(handle.study, handle.space)
     for promotion in plan:
         handle.study.enqueue_trial(promotion.params, user_attrs=promotion.attrs(), skip_if_exists=False)
     if plan and progress:
-        print(f"successive halving: {len(plan)} candidate(s) to rung {plan[0].rung}: "
-              + "; ".join(p.describe() for p in plan))
+        print(plan_words(plan))
     return len(plan)
 
 

@@ -44,13 +44,14 @@ from optuna.trial import TrialState
 
 from .budget import HalvingSettings, seed_levels
 from .pareto import IQR_PER_SD, NOISE_Z, noise_aware_front, non_dominated_sort
-from .records import TrialRecord, current_records, promotion_attrs
+from .records import TrialRecord, current_records, from_trial, promotion_attrs, read_records
 from .recovery import INTERRUPTED
 from .space import SearchSpace, replicates_of
 from .storage import StudyError
 
 __all__ = ["Promotion", "plan_promotions", "check_halving_budget", "check_runs_left", "quality_noise", "runs_spent",
-           "pooled_seed_sd", "rung_of", "pending_promotions", "halving_summary"]
+           "pooled_seed_sd", "rung_of", "pending_promotions", "halving_summary", "failed_promotions", "next_plan",
+           "plan_words"]
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,17 @@ def pending_promotions(study) -> dict[int, int]:
     """Queued or running promotions (planned, not done): the trial each extends -> the runs it will spend."""
     out = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING)):
-        promotion = t.user_attrs.get("promotion")
-        if isinstance(promotion, dict):
+        promotion = from_trial(t).promotion
+        if promotion is not None:
             out[int(promotion["from"])] = len(promotion.get("new_seeds") or [])
     return out
+
+
+def failed_promotions(records: list[TrialRecord]) -> dict[int, str]:
+    """The trials whose promotion failed for a reason (not interrupted) -> that reason. Such a
+    candidate is not promoted again, and its figure rests on its earlier seeds."""
+    return {int(r.promotion["from"]): r.fail_reason for r in records
+            if r.promotion and r.state == "FAIL" and r.fail_reason and not r.fail_reason.startswith(INTERRUPTED)}
 
 
 def check_runs_left(records: list[TrialRecord], space: SearchSpace, new_trials: int) -> None:
@@ -145,11 +153,10 @@ def check_runs_left(records: list[TrialRecord], space: SearchSpace, new_trials: 
                          f"budget to at least {spent + need} or ask for fewer trials")
 
 
-def _points_and_noise(space: SearchSpace, current: list[TrialRecord]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _points_and_noise(space: SearchSpace, current: list[TrialRecord],
+                      pooled: float | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     objectives = space.objectives_in_use()
-    pooled = pooled_seed_sd(current)
-    points = np.array([[o.value(r) if o.value(r) is not None else np.nan for o in objectives] for r in current],
-                      dtype=float)
+    points = np.array([[o.value(r) for o in objectives] for r in current], dtype=float)  # None -> nan
     noise = np.zeros_like(points)
     for j, o in enumerate(objectives):
         for i, r in enumerate(current):
@@ -166,8 +173,9 @@ def _contenders(space: SearchSpace, current: list[TrialRecord], tolerance: float
     Before any candidate has two seeds the study cannot tell how far one seed's loss may be off, so
     the noise-aware test would take one-seed losses as exact: then every candidate is a contender
     and the rung's share goes by rank alone (MO-ASHA's rule); afterwards, by noise."""
-    points, noise, directions = _points_and_noise(space, current)
-    if pooled_seed_sd(current) is None and "quality" in [o.column for o in space.objectives_in_use()]:
+    pooled = pooled_seed_sd(current)
+    points, noise, directions = _points_and_noise(space, current, pooled)
+    if pooled is None and "quality" in [o.column for o in space.objectives_in_use()]:
         contender = np.ones(len(current), dtype=bool)
     else:
         contender = noise_aware_front(points, noise, directions, NOISE_Z)
@@ -208,8 +216,7 @@ def plan_promotions(records: list[TrialRecord], space: SearchSpace, settings: Ha
         return []
     levels = seed_levels(replicates_of(space.training), settings.eta, settings.max_seeds)
     left = settings.budget - runs_spent(records)
-    failed = {int(r.promotion["from"]) for r in records if r.promotion and r.state == "FAIL"  # not interrupted ones
-              and r.fail_reason and not r.fail_reason.startswith(INTERRUPTED)}
+    failed = failed_promotions(records)
     current = [r for r in current_records(records) if r.quality_values]
     if left <= 0 or not current:
         return []
@@ -233,6 +240,20 @@ def plan_promotions(records: list[TrialRecord], space: SearchSpace, settings: Ha
             if plan:
                 return plan
     return []
+
+
+def next_plan(study, space: SearchSpace) -> list[Promotion]:
+    """The next rung's promotions of a study ([] without halving or with nothing left to promote)."""
+    settings = space.study.halving
+    if settings is None:
+        return []
+    return plan_promotions(read_records(study), space, settings, pending_promotions(study))
+
+
+def plan_words(plan: list[Promotion]) -> str:
+    """One line for the log: how many go to which rung, and each with its new seeds."""
+    return (f"successive halving: {len(plan)} candidate(s) to rung {plan[0].rung}: "
+            + "; ".join(p.describe() for p in plan))
 
 
 def halving_summary(records: list[TrialRecord], space: SearchSpace) -> str | None:

@@ -17,10 +17,10 @@ from optuna.trial import TrialState
 from ray import tune
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from .halving import Promotion, pending_promotions, plan_promotions
+from .halving import Promotion, next_plan, plan_words
 from .ray_cluster import save_experiments
 from .ray_worker import PROMOTE_KEY
-from .records import PROMOTION, read_records, store_failure
+from .records import PROMOTION, store_failure
 from .recovery import INTERRUPTED
 from .storage import StudyError
 from .studies import StudyHandle
@@ -57,11 +57,10 @@ def _close_stale_queue(handle: StudyHandle) -> None:
 
 def next_promotions(handle: StudyHandle) -> list[Promotion]:
     """The next rung's promotions of a study run on Ray ([] without halving or with nothing left)."""
-    settings = handle.space.study.halving
-    if settings is None:
+    if handle.space.study.halving is None:
         return []
     _close_stale_queue(handle)
-    return plan_promotions(read_records(handle.study), handle.space, settings, pending_promotions(handle.study))
+    return next_plan(handle.study, handle.space)
 
 
 def run_promotions(handle: StudyHandle, ray_dir: Path, experiments: list[dict], *, concurrency: int,
@@ -71,7 +70,7 @@ def run_promotions(handle: StudyHandle, ray_dir: Path, experiments: list[dict], 
     factories of the backend's trainable and its storage callback; ``dirname``: trial folder names."""
     while plan := next_promotions(handle):
         if progress:
-            print(f"successive halving: {len(plan)} to rung {plan[0].rung}: " + "; ".join(p.describe() for p in plan))
+            print(plan_words(plan))
         experiment = f"run-{len(experiments) + 1:03d}"
         experiments.append({"name": experiment, "trials": len(plan), "finished": False, "restored": 0,
                             "promotions": True, "started": time.strftime("%Y-%m-%d %H:%M:%S")})

@@ -27,7 +27,7 @@ from .pareto import (IQR_PER_SD, NOISE_Z, dominated_beyond_noise, group_names, h
 from ..speed.workload import KIND_NOTES, latency_kind
 from .recovery import INTERRUPTED, is_interrupted
 from .records import TrialRecord, current_records, from_trial, read_records
-from .halving import halving_summary, pooled_seed_sd, quality_noise
+from .halving import failed_promotions, halving_summary, pooled_seed_sd, quality_noise
 from .samplers import distinct_configurations
 from .space import SEARCH_PARAMS
 
@@ -83,19 +83,10 @@ def trials_frame(handle):
              for r in records]
     frame["quality_noise"] = [scale for scale, _ in noise]
     frame["quality_noise_kind"] = [kind for _, kind in noise]
-    frame["promotion_failed"] = [_failed_promotion(r, records) for r in records]
+    failed = failed_promotions(records)
+    frame["promotion_failed"] = [failed.get(r.number) for r in records]
     frame.attrs["objectives"] = handle.space.objective_names
     return frame
-
-
-def _failed_promotion(record: TrialRecord, records: list[TrialRecord]) -> str | None:
-    """The reason a promotion of this (current) trial failed, if one did: its figure then rests on
-    its earlier seeds only, which the report says."""
-    for r in records:
-        if r.promotion and int(r.promotion["from"]) == record.number and r.state == "FAIL" and r.fail_reason \
-                and not r.fail_reason.startswith(INTERRUPTED):
-            return r.fail_reason
-    return None
 
 
 def objective_noise(objective, table) -> np.ndarray:

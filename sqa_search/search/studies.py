@@ -146,17 +146,22 @@ def prepare_study(space: SearchSpace, space_path: Path | None, studies_dir, stor
 def store_study_settings(handle: StudyHandle) -> None:
     """A resumed study's space.yaml takes this run's study section (trials, sampler, halving; not
     part of the fingerprint), so show and the report read the settings the study last ran with."""
-    path = handle.directory / SPACE_FILE
-    text = yaml.safe_dump(handle.space.to_dict(), sort_keys=False)
+    _write_space(handle.space, handle.directory)
+
+
+def _write_space(space: SearchSpace, study_dir: Path) -> None:
+    """space.yaml, whole or not at all; left untouched when it already says the same."""
+    path = study_dir / SPACE_FILE
+    text = yaml.safe_dump(space.to_dict(), sort_keys=False)
     if path.is_file() and path.read_text() == text:
         return
-    tmp = path.with_suffix(".tmp")  # space.yaml appears whole or not at all
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def _write_folder(space: SearchSpace, space_path: Path | None, study_dir: Path, storage_url: str) -> None:
-    (study_dir / SPACE_FILE).write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
+    _write_space(space, study_dir)
     meta = {"name": space.name, "storage": storage_url, "space_fingerprint": space.fingerprint(),
             "source": str(space_path) if space_path else None, "created": time.strftime("%Y-%m-%d %H:%M:%S")}
     meta_path = study_dir / META_FILE
